@@ -1,0 +1,140 @@
+"""The voice webhook service: a Flask application factory."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+from flask import Flask, Response, g, request
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, make_url
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from app.celery_app import celery_config, celery_init_app
+from app.errors import register_errorhandlers
+from app.extensions import db, migrate
+from app.logs import configure_logging
+from config import INSTANCE_DIR, Settings
+
+MIGRATIONS_DIR = str(Path(__file__).resolve().parent.parent / "migrations")
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the app from settings (read from the environment when none are given)."""
+    settings = settings or Settings.from_env()
+    configure_logging(settings.log_level, settings.log_format)
+    app = Flask(__name__, instance_path=str(INSTANCE_DIR), static_folder=None)
+    app.config.from_mapping(
+        SQLALCHEMY_DATABASE_URI=settings.database_url,
+        SQLALCHEMY_ENGINE_OPTIONS=engine_options(settings.database_url),
+        MAX_CONTENT_LENGTH=settings.max_content_length,
+        CELERY=celery_config(settings),
+    )
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["settings"] = settings
+    register_extensions(app, settings)
+    register_blueprints(app)
+    register_errorhandlers(app)
+    register_commands(app)
+    register_request_hooks(app, settings)
+    return app
+
+
+def engine_options(database_url: str) -> dict[str, Any]:
+    """Connection settings per database: fail fast on a dead server, never hang a worker."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        return {"connect_args": {"timeout": 15}}
+    return {
+        "pool_pre_ping": True,
+        "pool_recycle": 1800,
+        "connect_args": {
+            "connect_timeout": 5,
+            # A lock wait or a query longer than these is a transient failure the task retries.
+            "options": "-c lock_timeout=10000 -c statement_timeout=30000",
+        },
+    }
+
+
+def register_extensions(app: Flask, settings: Settings) -> None:
+    """Database, migrations, Redis and Celery."""
+    db.init_app(app)
+    migrate.init_app(app, db, directory=MIGRATIONS_DIR, render_as_batch=True)
+    with app.app_context():
+        if db.engine.dialect.name == "sqlite":
+            _serialize_sqlite_writes(db.engine)
+    # No client-side retries: a failed call surfaces at once, and callers decide (503, task retry).
+    app.extensions["redis"] = redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_socket_timeout,
+        socket_connect_timeout=settings.redis_socket_timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=30,
+    )
+    celery_init_app(app)
+
+
+def _serialize_sqlite_writes(engine: Engine) -> None:
+    """Every SQLite transaction takes the write lock at BEGIN, so concurrent workers serialize
+    instead of failing to upgrade a read lock; WAL keeps readers from blocking on writers."""
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy, not the driver, emits BEGIN
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def register_blueprints(app: Flask) -> None:
+    """The webhook, the read API and the operations endpoints."""
+    from app.api import bp as api_bp
+    from app.ops import bp as ops_bp
+    from app.webhook import bp as webhook_bp
+
+    app.register_blueprint(webhook_bp)
+    app.register_blueprint(api_bp)
+    app.register_blueprint(ops_bp)
+
+
+def register_commands(app: Flask) -> None:
+    """``flask voice ...``: dead letters, replay, sweep."""
+    from app.cli import voice
+
+    app.cli.add_command(voice)
+
+
+def register_request_hooks(app: Flask, settings: Settings) -> None:
+    """Client address from trusted proxies only, a request id on every answer, safe headers."""
+    if settings.trusted_proxy_count:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_count)  # type: ignore[method-assign]
+
+    @app.before_request
+    def _request_id() -> None:
+        given = request.headers.get(REQUEST_ID_HEADER, "")
+        g.request_id = given if _valid_request_id(given) else uuid.uuid4().hex
+
+    @app.after_request
+    def _headers(response: Response) -> Response:
+        response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+
+def _valid_request_id(value: str) -> bool:
+    return 0 < len(value) <= 128 and all(ch.isalnum() or ch in "-_.:" for ch in value)

@@ -1,0 +1,98 @@
+"""Celery bound to the Flask app: every task runs inside an app context.
+
+Each reliability setting carries its reason; together they give at-least-once delivery, and the
+dedup claim plus the database fingerprint make it exactly once in effect.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from celery import Celery, Task, signals
+from flask import Flask
+
+from app.logs import configure_logging
+from app.queues import MAINTENANCE_QUEUE, WEBHOOK_QUEUE
+from config import Settings
+
+# A task runs in milliseconds; the limits only stop one stuck on a hung connection.
+TASK_SOFT_TIME_LIMIT = 45
+TASK_TIME_LIMIT = 60  # below the dedup claim's TTL (delivery.CLAIM_TTL_SECONDS), so a live task keeps its claim
+# Redis transport: a message taken but not acknowledged goes back to its queue after this long.
+# It must exceed the longest a worker may hold a message (a task's time limit, and a retry's
+# countdown, which waits in the worker unacknowledged) or live work is delivered twice; the
+# shorter it is, the sooner a crashed worker's messages come back. 300 s sits above both with
+# room, and the pending-set sweeper covers what this cannot.
+VISIBILITY_TIMEOUT = 300
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    broker_is_redis = settings.broker_url.startswith(("redis://", "rediss://", "unix://"))
+    transport_options: dict[str, Any] = {}
+    if broker_is_redis:
+        transport_options = {
+            "visibility_timeout": VISIBILITY_TIMEOUT,
+            # Publishing on the webhook's path must fail fast when Redis is down or hung.
+            "socket_timeout": settings.redis_socket_timeout * 2,
+            "socket_connect_timeout": settings.redis_socket_timeout,
+        }
+    else:
+        transport_options = {"connect_timeout": 1, "confirm_publish": True}
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 1,
+        # Results are never read; the database holds the outcome.
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # Acknowledge only after the task returned, i.e. after its transaction committed.
+        "task_acks_late": True,
+        # A worker process killed mid-task sends its message back instead of acknowledging it.
+        "task_reject_on_worker_lost": True,
+        # One message per process at a time: none sits reserved behind a slow task or dies with it.
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": TASK_SOFT_TIME_LIMIT,
+        "task_time_limit": TASK_TIME_LIMIT,
+        "task_default_queue": WEBHOOK_QUEUE,
+        "task_routes": {"voice.sweep_pending": {"queue": MAINTENANCE_QUEUE}},
+        # Flower shows tasks only from workers that send events.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        # On a lost broker connection a running task's ack cannot be sent: cancel it, and its
+        # message comes back (dedup makes the second run harmless).
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "beat_schedule": {
+            "sweep-pending": {
+                "task": "voice.sweep_pending",
+                "schedule": max(5.0, settings.pending_redelivery_seconds / 4),
+                "options": {"queue": MAINTENANCE_QUEUE, "expires": 60},
+            }
+        },
+    }
+
+
+def celery_init_app(app: Flask) -> Celery:
+    class FlaskTask(Task):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            with app.app_context():
+                return self.run(*args, **kwargs)
+
+    settings = app.extensions["settings"]
+
+    @signals.setup_logging.connect(weak=False)
+    def _logging(**_kwargs: Any) -> None:
+        """The service's structured logs in the worker too, instead of Celery's own setup."""
+        configure_logging(settings.log_level, settings.log_format)
+
+    celery_app = Celery(app.name, task_cls=FlaskTask)
+    celery_app.config_from_object(app.config["CELERY"])
+    celery_app.set_default()
+    app.extensions["celery"] = celery_app
+    importlib.import_module("app.tasks")  # registers the shared tasks with this Celery app
+
+    return celery_app

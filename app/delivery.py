@@ -1,0 +1,279 @@
+"""Getting an event from the web process to the database exactly once in effect.
+
+- ``enqueue`` (web): record the event in the Redis pending set, then hand the task to the broker.
+- ``deliver`` (worker): claim the event's dedup key, apply it, mark it done, drop it from pending.
+- ``sweep_pending`` (worker, periodic): send again what was accepted but never applied.
+- ``dead_letter``: keep what gave up, in the database or, when that is down, in a Redis list.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import redis
+import structlog
+from flask import current_app
+from kombu.exceptions import OperationalError as KombuOperationalError
+from sqlalchemy import select
+
+from app.domain import DUPLICATE, apply_event
+from app.errors import QueueUnavailable
+from app.events import Event
+from app.extensions import db
+from app.models import DeadLetter
+from app.queues import WEBHOOK_QUEUE
+from app.timeutil import parse_rfc3339, utcnow
+
+log = structlog.get_logger(__name__)
+
+DEDUP_PREFIX = "voice:dedup:"
+PENDING_DATA = "voice:pending:data"  # hash: event key -> envelope JSON
+PENDING_DUE = "voice:pending:due"  # sorted set: event key -> when the sweeper may send it again
+DEAD_LETTER_LIST = "voice:dead-letters"
+DONE = "done"
+# A claim outlives the task's hard time limit, so a live task never loses its claim; a worker
+# that died holding one frees it when it expires.
+CLAIM_TTL_SECONDS = 120
+SWEEP_BATCH = 500
+# What a broker or Redis outage raises on the publishing side.
+QUEUE_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, KombuOperationalError, OSError)
+
+
+class ClaimBusy(Exception):
+    """Another task holds this event's claim right now; try again shortly."""
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What a task carries: plain values only."""
+
+    message: dict[str, Any]
+    received_at: str
+    request_id: str | None = None
+
+    @property
+    def event(self) -> Event:
+        return Event.from_message(self.message)
+
+    @property
+    def key(self) -> str:
+        return self.event.fingerprint
+
+    def to_json(self) -> str:
+        return json.dumps({"message": self.message, "received_at": self.received_at, "request_id": self.request_id})
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Envelope:
+        data = json.loads(text)
+        return cls(message=data["message"], received_at=data["received_at"], request_id=data.get("request_id"))
+
+
+def redis_client() -> redis.Redis:
+    """This process's Redis client (one connection pool per process)."""
+    return current_app.extensions["redis"]
+
+
+def settings() -> Any:
+    return current_app.extensions["settings"]
+
+
+# --- dedup -----------------------------------------------------------------------------------
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+def claim(key: str, owner: str) -> str:
+    """'claimed' (ours to apply), 'done' (applied before) or 'busy' (another task holds it)."""
+    client = redis_client()
+    token = f"claim:{owner}"
+    if client.set(DEDUP_PREFIX + key, token, nx=True, ex=CLAIM_TTL_SECONDS):
+        return "claimed"
+    current = client.get(DEDUP_PREFIX + key)
+    if current is None:  # expired between the two calls
+        return "claimed" if client.set(DEDUP_PREFIX + key, token, nx=True, ex=CLAIM_TTL_SECONDS) else "busy"
+    current = current.decode()
+    if current == DONE:
+        return "done"
+    # A redelivered message keeps its task id: its own stale claim is still its own.
+    return "claimed" if current == token else "busy"
+
+
+def mark_done(key: str) -> None:
+    redis_client().set(DEDUP_PREFIX + key, DONE, ex=settings().dedup_ttl_seconds)
+
+
+def release(key: str, owner: str) -> None:
+    """Give up a claim after a failed transaction, so a retry need not wait for it to expire."""
+    try:
+        redis_client().eval(_RELEASE, 1, DEDUP_PREFIX + key, f"claim:{owner}")
+    except redis.RedisError:
+        log.warning("claim_release_failed", event_key=key)  # it expires on its own
+
+
+# --- pending set -----------------------------------------------------------------------------
+
+
+def add_pending(client: redis.Redis, key: str, envelope: Envelope, due: float) -> None:
+    pipe = client.pipeline(transaction=True)
+    pipe.hsetnx(PENDING_DATA, key, envelope.to_json())
+    pipe.zadd(PENDING_DUE, {key: due}, nx=True)
+    pipe.execute()
+
+
+def postpone_pending(key: str, seconds: float) -> None:
+    """A worker holds this event (or will retry it): the sweeper leaves it alone till then."""
+    try:
+        due = time.time() + seconds + settings().pending_redelivery_seconds
+        redis_client().zadd(PENDING_DUE, {key: due}, xx=True)
+    except redis.RedisError:
+        log.warning("pending_postpone_failed", event_key=key)
+
+
+def remove_pending(key: str) -> None:
+    pipe = redis_client().pipeline(transaction=True)
+    pipe.hdel(PENDING_DATA, key)
+    pipe.zrem(PENDING_DUE, key)
+    pipe.execute()
+
+
+def pending_count() -> int:
+    return int(redis_client().zcard(PENDING_DUE))
+
+
+# --- web side --------------------------------------------------------------------------------
+
+
+def enqueue(event: Event, received_at: datetime, request_id: str | None) -> None:
+    """Hold the event in the pending set, then give the task to the broker.
+
+    Raises QueueUnavailable (503) when either step fails, so no 200 goes out for an unqueued task.
+    """
+    envelope = Envelope(event.to_message(), received_at.isoformat(), request_id)
+    try:
+        add_pending(redis_client(), event.fingerprint, envelope, time.time() + settings().pending_redelivery_seconds)
+        send(envelope, WEBHOOK_QUEUE)
+    except QUEUE_ERRORS as exc:
+        log.warning("enqueue_failed", error_type=type(exc).__name__)
+        raise QueueUnavailable("the queue is unavailable; try again", session_id=event.session_id) from None
+
+
+def send(envelope: Envelope, queue: str) -> None:
+    from app.tasks import apply_webhook_event
+
+    apply_webhook_event.apply_async(
+        args=(envelope.message, envelope.received_at, envelope.request_id), queue=queue, retry=False
+    )
+
+
+# --- worker side -----------------------------------------------------------------------------
+
+
+def deliver(envelope: Envelope, owner: str) -> str:
+    """Apply one event exactly once in effect; returns the domain outcome or DUPLICATE.
+
+    Raises ClaimBusy, or the database's or Redis's own error, for the task to retry.
+    """
+    event = envelope.event
+    key = event.fingerprint
+    state = claim(key, owner)
+    if state == "done":
+        remove_pending(key)
+        return DUPLICATE
+    if state == "busy":
+        raise ClaimBusy(key)
+    try:
+        outcome = apply_event(db.session, event, parse_rfc3339(envelope.received_at))
+    except BaseException:
+        release(key, owner)
+        raise
+    mark_done(key)
+    remove_pending(key)
+    return outcome
+
+
+def sweep_pending(now: float | None = None) -> int:
+    """Send again every accepted event that no worker has applied or touched in time."""
+    client = redis_client()
+    now = time.time() if now is None else now
+    keys = [k.decode() for k in client.zrangebyscore(PENDING_DUE, 0, now, start=0, num=SWEEP_BATCH)]
+    sent = 0
+    for key in keys:
+        raw = client.hget(PENDING_DATA, key)
+        if raw is None:
+            client.zrem(PENDING_DUE, key)
+            continue
+        client.zadd(PENDING_DUE, {key: now + settings().pending_redelivery_seconds}, xx=True)
+        send(Envelope.from_json(raw), WEBHOOK_QUEUE)
+        sent += 1
+    if sent:
+        log.warning("pending_redelivered", count=sent)
+    return sent
+
+
+# --- dead letters ----------------------------------------------------------------------------
+
+
+def dead_letter(envelope: Envelope, error: str, attempts: int) -> None:
+    """Keep an event that gave up; in Redis when the database cannot take it."""
+    key = envelope.key
+    record = {"envelope": json.loads(envelope.to_json()), "error": error[:2000], "attempts": attempts,
+              "failed_at": utcnow().isoformat()}
+    try:
+        _store_dead_letter(record)
+    except Exception as exc:  # the database is down or broken: Redis holds it until it is back
+        db.session.rollback()
+        log.warning("dead_letter_to_redis", event_key=key, error_type=type(exc).__name__)
+        redis_client().rpush(DEAD_LETTER_LIST, json.dumps(record))
+    remove_pending(key)
+    log.error("event_dead_lettered", event_key=key, session_id=envelope.message.get("session_id"),
+              attempts=attempts, error=error[:200])
+
+
+def _store_dead_letter(record: dict[str, Any]) -> DeadLetter:
+    envelope = record["envelope"]
+    row = DeadLetter(
+        fingerprint=Event.from_message(envelope["message"]).fingerprint,
+        session_id=envelope["message"]["session_id"],
+        message=envelope,
+        error=record["error"],
+        attempts=record["attempts"],
+        failed_at=parse_rfc3339(record["failed_at"]),
+    )
+    db.session.add(row)
+    db.session.commit()
+    return row
+
+
+def drain_redis_dead_letters() -> int:
+    """Move dead letters Redis held while the database was down into the table."""
+    client = redis_client()
+    moved = 0
+    while (raw := client.lindex(DEAD_LETTER_LIST, 0)) is not None:
+        _store_dead_letter(json.loads(raw))
+        client.lpop(DEAD_LETTER_LIST)
+        moved += 1
+    return moved
+
+
+def replay(letter_ids: list[int] | None, queue: str) -> list[int]:
+    """Send dead letters again (all unreplayed ones when ``letter_ids`` is None)."""
+    query = select(DeadLetter).order_by(DeadLetter.id)
+    query = query.where(DeadLetter.id.in_(letter_ids)) if letter_ids is not None else query.where(
+        DeadLetter.replayed_at.is_(None)
+    )
+    replayed = []
+    for letter in db.session.scalars(query):
+        envelope = Envelope(letter.message["message"], letter.message["received_at"], letter.message.get("request_id"))
+        add_pending(redis_client(), letter.fingerprint, envelope, time.time() + settings().pending_redelivery_seconds)
+        send(envelope, queue)
+        letter.replayed_at = utcnow()
+        db.session.commit()
+        replayed.append(letter.id)
+    return replayed

@@ -1,0 +1,77 @@
+"""Operations endpoints: liveness, readiness, metrics and the OpenAPI document."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify
+from sqlalchemy import text
+
+from app import metrics
+from app.extensions import db
+from app.openapi import openapi_document
+
+bp = Blueprint("ops", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """The process answers; no dependency is asked."""
+    return jsonify(status="ok")
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    """Each dependency answers, with its latency; 503 names the ones that did not."""
+    checks = {"database": _check(_database), "redis": _check(_redis)}
+    settings = current_app.extensions["settings"]
+    if settings.broker_url != settings.redis_url:
+        checks["broker"] = _check(_broker)
+    ready = all(check["ok"] for check in checks.values())
+    failed = [name for name, check in checks.items() if not check["ok"]]
+    body: dict[str, Any] = {"status": "ready" if ready else "unavailable", "checks": checks}
+    if failed:
+        body["failed"] = failed
+    return jsonify(body), 200 if ready else 503
+
+
+def _check(probe: Callable[[], None]) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        probe()
+    except Exception as exc:  # any failure means not ready; the type says which kind
+        return {"ok": False, "error": type(exc).__name__, "latency_ms": _ms(started)}
+    return {"ok": True, "latency_ms": _ms(started)}
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
+
+
+def _database() -> None:
+    try:
+        db.session.execute(text("SELECT 1"))
+    finally:
+        db.session.rollback()
+
+
+def _redis() -> None:
+    current_app.extensions["redis"].ping()
+
+
+def _broker() -> None:
+    with current_app.extensions["celery"].connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=1)
+
+
+@bp.get("/metrics")
+def metrics_endpoint() -> Response:
+    payload, content_type = metrics.render()
+    return Response(payload, content_type=content_type)
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    return jsonify(openapi_document())

@@ -1,0 +1,81 @@
+"""Celery tasks: thin. They rebuild the envelope, call the delivery functions, and own retries."""
+
+from __future__ import annotations
+
+import random
+
+import redis
+import structlog
+from celery import Task, shared_task
+from sqlalchemy import exc as sa_exc
+
+from app.delivery import (
+    ClaimBusy,
+    Envelope,
+    dead_letter,
+    deliver,
+    drain_redis_dead_letters,
+    postpone_pending,
+    sweep_pending,
+)
+from app.logs import mask_phone
+
+log = structlog.get_logger(__name__)
+
+# Only these are worth waiting for: the database or Redis unreachable, a lock or pool timeout,
+# or another task applying the same event right now. Anything else is not retried.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+    ClaimBusy,
+)
+MAX_RETRIES = 10  # with the backoff below, about six minutes of outage before a dead letter
+BACKOFF_FIRST_SECONDS = 1.0
+BACKOFF_MAX_SECONDS = 60.0  # below the broker's visibility timeout, so a waiting retry is never redelivered
+CLAIM_BUSY_MAX_SECONDS = 5.0  # the other task usually finishes in milliseconds
+
+
+def backoff_seconds(retries: int, busy: bool = False) -> float:
+    """Exponential backoff with equal jitter: half of the step fixed, half random."""
+    cap = CLAIM_BUSY_MAX_SECONDS if busy else BACKOFF_MAX_SECONDS
+    step = min(cap, BACKOFF_FIRST_SECONDS * 2**retries)
+    return step / 2 + random.uniform(0, step / 2)  # noqa: S311 - jitter, not a secret
+
+
+@shared_task(bind=True, name="voice.apply_webhook_event", acks_late=True, max_retries=MAX_RETRIES)
+def apply_webhook_event(self: Task, message: dict, received_at: str, request_id: str | None = None) -> str:
+    envelope = Envelope(message, received_at, request_id)
+    structlog.contextvars.bind_contextvars(
+        request_id=request_id, task_id=self.request.id, session_id=message.get("session_id")
+    )
+    try:
+        outcome = deliver(envelope, owner=self.request.id)
+    except TRANSIENT_ERRORS as exc:
+        attempts = self.request.retries + 1
+        if self.request.retries >= self.max_retries:
+            dead_letter(envelope, f"{type(exc).__name__}: {exc}", attempts)
+            return "dead_lettered"
+        countdown = backoff_seconds(self.request.retries, busy=isinstance(exc, ClaimBusy))
+        postpone_pending(envelope.key, countdown)
+        log.warning("event_retry", attempt=attempts, countdown=round(countdown, 2), error_type=type(exc).__name__)
+        raise self.retry(exc=exc, countdown=countdown) from None
+    except Exception as exc:  # not transient: retrying cannot help, so keep it rather than loop or lose it
+        log.exception("event_failed")
+        dead_letter(envelope, f"{type(exc).__name__}: {exc}", self.request.retries + 1)
+        return "dead_lettered"
+    log.info("event_applied", outcome=outcome, phone_number=mask_phone(message.get("phone_number")),
+             status=message.get("status"))
+    return outcome
+
+
+@shared_task(name="voice.sweep_pending")
+def sweep_pending_task() -> int:
+    """Periodic: send again what was accepted but not applied, and file Redis-held dead letters."""
+    try:
+        drain_redis_dead_letters()
+    except sa_exc.SQLAlchemyError:
+        log.warning("dead_letter_drain_deferred")
+    return sweep_pending()

@@ -1,0 +1,76 @@
+"""POST /api/v1/voice/webhook: authenticate, validate, enqueue, answer. Nothing else."""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+from flask import Blueprint, Response, current_app, g, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from app import metrics
+from app.delivery import enqueue
+from app.errors import PayloadTooLarge
+from app.events import decode_body, parse_event
+from app.logs import mask_phone
+from app.security import check_client_address, check_webhook_auth
+from app.timeutil import utcnow
+
+bp = Blueprint("webhook", __name__, url_prefix="/api/v1/voice")
+log = structlog.get_logger(__name__)
+
+
+@bp.post("/webhook")
+def receive() -> Response:
+    g.webhook_started = time.perf_counter()
+    received_at = utcnow()
+    settings = current_app.extensions["settings"]
+    body = _read_body(settings.max_content_length)
+    check_client_address(settings, request)
+    check_webhook_auth(settings, request, body)
+    event = parse_event(decode_body(request.mimetype, body))
+    g.session_id, g.phone_number = event.session_id, event.phone_number
+    enqueue(event, received_at, g.request_id)
+    return jsonify(status="webhook_processed", session_id=event.session_id)
+
+
+def _read_body(limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"body is larger than {limit} bytes")
+    try:
+        return request.get_data(cache=True)
+    except RequestEntityTooLarge:
+        raise PayloadTooLarge(f"body is larger than {limit} bytes") from None
+
+
+@bp.after_request
+def _record(response: Response) -> Response:
+    """One log line and one metric sample per webhook, whatever its answer."""
+    started = g.get("webhook_started")
+    elapsed = time.perf_counter() - started if started is not None else 0.0
+    outcome = "accepted" if response.status_code == 200 else "refused"
+    reason = "ok" if response.status_code == 200 else _reason(response)
+    metrics.observe_webhook(outcome, reason, elapsed)
+    log.info(
+        "webhook",
+        status_code=response.status_code,
+        outcome=outcome,
+        reason=reason,
+        session_id=g.get("session_id"),
+        phone_number=mask_phone(g.get("phone_number")),
+        request_id=g.get("request_id"),
+        ms=round(elapsed * 1000, 2),
+    )
+    return response
+
+
+def _reason(response: Response) -> str:
+    return {
+        400: "invalid",
+        401: "unauthenticated",
+        403: "forbidden",
+        405: "method_not_allowed",
+        413: "too_large",
+        415: "unsupported_media_type",
+        503: "queue_unavailable",
+    }.get(response.status_code, "error")

@@ -1,0 +1,149 @@
+"""Service settings, read from the environment once into a typed, immutable object.
+
+Tests build :class:`Settings` directly instead of touching ``os.environ``. No secret has a
+fallback value: an unset secret is empty, and what an empty secret means (closed, not open)
+is decided where it is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+INSTANCE_DIR = Path(__file__).resolve().parent / "instance"
+DEFAULT_DATABASE_URL = f"sqlite:///{INSTANCE_DIR / 'voice.db'}"
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (value or "").split(",") if part.strip())
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def key_digest(key: str) -> bytes:
+    """The SHA-256 digest API keys are compared by, so plain and hashed entries compare alike."""
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _api_key_digests(raw: str | None) -> tuple[bytes, ...]:
+    digests = []
+    for entry in _split(raw):
+        if entry.startswith("sha256:"):
+            hexpart = entry.removeprefix("sha256:")
+            try:
+                digest = bytes.fromhex(hexpart)
+            except ValueError:
+                digest = b""
+            if len(digest) != 32:
+                raise ConfigError("API_KEYS has a sha256: entry that is not 64 hex digits")
+            digests.append(digest)
+        else:
+            digests.append(key_digest(entry))
+    return tuple(digests)
+
+
+def _networks(raw: str | None) -> tuple[IPNetwork, ...]:
+    networks = []
+    for entry in _split(raw):
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"WEBHOOK_ALLOWED_IPS has an entry that is not an address or CIDR range: {entry!r}"
+            ) from None
+    return tuple(networks)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from its environment. Field names follow the variables."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    redis_url: str = DEFAULT_REDIS_URL
+    celery_broker_url: str = ""
+    api_key_digests: tuple[bytes, ...] = field(default=(), repr=False)
+    webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
+    webhook_signature_header: str = "X-Webhook-Signature"
+    webhook_tokens: tuple[str, ...] = field(default=(), repr=False)
+    webhook_allowed_ips: tuple[IPNetwork, ...] = ()
+    webhook_auth: str = ""
+    trusted_proxy_count: int = 0
+    max_content_length: int = 65536
+    dedup_ttl_seconds: int = 86400
+    pending_redelivery_seconds: int = 60
+    log_level: str = "INFO"
+    log_format: str = "json"
+    app_env: str = "development"
+    # How long one Redis or broker call on the webhook's path may take before the request is
+    # answered 503: AT must get its answer within a second even when Redis hangs.
+    redis_socket_timeout: float = 0.25
+
+    @property
+    def broker_url(self) -> str:
+        return self.celery_broker_url or self.redis_url
+
+    @property
+    def webhook_auth_configured(self) -> bool:
+        return bool(self.webhook_secrets or self.webhook_tokens)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        log_format = env.get("LOG_FORMAT", "json").strip().lower() or "json"
+        if log_format not in {"json", "console"}:
+            raise ConfigError(f"LOG_FORMAT must be json or console, got {log_format!r}")
+        log_level = env.get("LOG_LEVEL", "INFO").strip().upper() or "INFO"
+        if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ConfigError(f"LOG_LEVEL must be a logging level name, got {log_level!r}")
+        settings = cls(
+            database_url=env.get("DATABASE_URL", "").strip() or DEFAULT_DATABASE_URL,
+            redis_url=env.get("REDIS_URL", "").strip() or DEFAULT_REDIS_URL,
+            celery_broker_url=env.get("CELERY_BROKER_URL", "").strip(),
+            api_key_digests=_api_key_digests(env.get("API_KEYS")),
+            webhook_secrets=_split(env.get("WEBHOOK_SECRETS")),
+            webhook_signature_header=env.get("WEBHOOK_SIGNATURE_HEADER", "").strip() or "X-Webhook-Signature",
+            webhook_tokens=_split(env.get("WEBHOOK_TOKENS")),
+            webhook_allowed_ips=_networks(env.get("WEBHOOK_ALLOWED_IPS")),
+            webhook_auth=env.get("WEBHOOK_AUTH", "").strip().lower(),
+            trusted_proxy_count=_int(env, "TRUSTED_PROXY_COUNT", 0, 0, 10),
+            max_content_length=_int(env, "MAX_CONTENT_LENGTH", 65536, 1024, 10 * 1024 * 1024),
+            dedup_ttl_seconds=_int(env, "DEDUP_TTL_SECONDS", 86400, 60, 90 * 86400),
+            pending_redelivery_seconds=_int(env, "PENDING_REDELIVERY_SECONDS", 60, 5, 86400),
+            log_level=log_level,
+            log_format=log_format,
+            app_env=env.get("APP_ENV", "development").strip().lower() or "development",
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse settings that would run the service open where it must be closed."""
+        if self.webhook_auth not in {"", "none"}:
+            raise ConfigError(f"WEBHOOK_AUTH may only be 'none' (or unset), got {self.webhook_auth!r}")
+        if self.app_env == "production" and not self.webhook_auth_configured and self.webhook_auth != "none":
+            raise ConfigError(
+                "APP_ENV=production needs webhook authentication: set WEBHOOK_SECRETS or WEBHOOK_TOKENS, "
+                "or WEBHOOK_AUTH=none to run without it on purpose"
+            )

@@ -1,0 +1,26 @@
+"""gunicorn settings for ``web``; each can be overridden from the environment."""
+
+import os
+
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"  # noqa: S104 - a server listens
+# gthread: a slow client ties up one thread, not a whole worker process.
+worker_class = "gthread"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+threads = int(os.environ.get("WEB_THREADS", "4"))
+timeout = 30
+graceful_timeout = 20  # SIGTERM: answer what is in flight, then exit
+keepalive = 5
+# Bound what a client may send before the app sees it.
+limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 8190
+accesslog = None  # the app logs one structured line per webhook
+errorlog = "-"
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live metric files (prometheus_client multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
