@@ -14,6 +14,9 @@ keepalive = 5
 limit_request_line = 8190
 limit_request_fields = 100
 limit_request_field_size = 8190
+# Operators steer gunicorn by signals (HUP, TERM, TTIN/TTOU); a shared control socket in the
+# home folder would also collide between instances on one machine.
+control_socket_disable = True
 accesslog = None  # the app logs one structured line per webhook
 errorlog = "-"
 

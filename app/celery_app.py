@@ -29,16 +29,20 @@ VISIBILITY_TIMEOUT = 300
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     broker_is_redis = settings.broker_url.startswith(("redis://", "rediss://", "unix://"))
-    transport_options: dict[str, Any] = {}
+    # kombu's own reconnect on first use waits 2 s between tries by default; a publisher gives up
+    # at once instead, so the webhook answers 503 within a second (the worker's consumer
+    # reconnects patiently by the broker_connection_* settings).
+    transport_options: dict[str, Any] = {"max_retries": 1, "interval_start": 0, "interval_step": 0.1,
+                                         "interval_max": 0.1}
     if broker_is_redis:
-        transport_options = {
+        transport_options |= {
             "visibility_timeout": VISIBILITY_TIMEOUT,
             # Publishing on the webhook's path must fail fast when Redis is down or hung.
             "socket_timeout": settings.redis_socket_timeout * 2,
             "socket_connect_timeout": settings.redis_socket_timeout,
         }
     else:
-        transport_options = {"connect_timeout": 1, "confirm_publish": True}
+        transport_options |= {"connect_timeout": 1, "confirm_publish": True}
     return {
         "broker_url": settings.broker_url,
         "broker_transport_options": transport_options,

@@ -34,7 +34,7 @@ DEDUP_PREFIX = "voice:dedup:"
 PENDING_DATA = "voice:pending:data"  # hash: event key -> envelope JSON
 PENDING_DUE = "voice:pending:due"  # sorted set: event key -> when the sweeper may send it again
 DEAD_LETTER_LIST = "voice:dead-letters"
-DONE = "done"
+DONE = "done"  # stored as done:<arrival time of the copy applied>
 # A claim outlives the task's hard time limit, so a live task never loses its claim; a worker
 # that died holding one frees it when it expires.
 CLAIM_TTL_SECONDS = 120
@@ -90,7 +90,7 @@ return 0
 
 
 def claim(key: str, owner: str) -> str:
-    """'claimed' (ours to apply), 'done' (applied before) or 'busy' (another task holds it)."""
+    """'claimed' (ours to apply), 'busy' (another task holds it) or 'done:<arrival time>'."""
     client = redis_client()
     token = f"claim:{owner}"
     if client.set(DEDUP_PREFIX + key, token, nx=True, ex=CLAIM_TTL_SECONDS):
@@ -99,14 +99,15 @@ def claim(key: str, owner: str) -> str:
     if current is None:  # expired between the two calls
         return "claimed" if client.set(DEDUP_PREFIX + key, token, nx=True, ex=CLAIM_TTL_SECONDS) else "busy"
     current = current.decode()
-    if current == DONE:
-        return "done"
+    if current.startswith(DONE):
+        return current
     # A redelivered message keeps its task id: its own stale claim is still its own.
     return "claimed" if current == token else "busy"
 
 
-def mark_done(key: str) -> None:
-    redis_client().set(DEDUP_PREFIX + key, DONE, ex=settings().dedup_ttl_seconds)
+def mark_done(key: str, received_at: str) -> None:
+    """Applied: remember it for DEDUP_TTL_SECONDS, with the arrival time it was applied at."""
+    redis_client().set(DEDUP_PREFIX + key, f"{DONE}:{received_at}", ex=settings().dedup_ttl_seconds)
 
 
 def release(key: str, owner: str) -> None:
@@ -182,18 +183,24 @@ def deliver(envelope: Envelope, owner: str) -> str:
     """
     event = envelope.event
     key = event.fingerprint
+    received_at = parse_rfc3339(envelope.received_at)
     state = claim(key, owner)
-    if state == "done":
-        remove_pending(key)
-        return DUPLICATE
     if state == "busy":
         raise ClaimBusy(key)
-    try:
-        outcome = apply_event(db.session, event, parse_rfc3339(envelope.received_at))
-    except BaseException:
-        release(key, owner)
-        raise
-    mark_done(key)
+    if state.startswith(DONE):
+        applied_at = state.partition(":")[2]
+        if not applied_at or received_at >= parse_rfc3339(applied_at):
+            remove_pending(key)
+            return DUPLICATE
+        # This copy arrived before the one applied: the database re-times the event under its lock.
+        outcome = apply_event(db.session, event, received_at)
+    else:
+        try:
+            outcome = apply_event(db.session, event, received_at)
+        except BaseException:
+            release(key, owner)
+            raise
+    mark_done(key, envelope.received_at)
     remove_pending(key)
     return outcome
 

@@ -83,6 +83,39 @@ def _merge_participant(recording: VoiceRecording, event: Event, key: str, now: d
         participant.updated_at = now
 
 
+def rebuild(recording: VoiceRecording, events: list[tuple[Event, datetime]], now: datetime) -> bool:
+    """Derive a recording afresh from all its distinct events; True when anything visible changed.
+
+    Needed when an event's arrival time moves earlier (a duplicate that arrived first was applied
+    second), which the incremental keys of ``merge`` cannot undo.
+    """
+    if not events:
+        raise ValueError("a recording has at least one event")
+    fresh = VoiceRecording(id=recording.id, status="", status_key="", created_at=min(t for _, t in events))
+    fresh.participants = []
+    for event, received_at in sorted(events, key=lambda item: order_key(item[1], item[0].fingerprint)):
+        merge(fresh, event, received_at, order_key(received_at, event.fingerprint), now)
+
+    before = _view(recording)
+    for name in ("status", "status_key", "duration", "recording_url", "url_key", "created_at"):
+        setattr(recording, name, getattr(fresh, name))
+    current = {p.phone_number: p for p in recording.participants}
+    for derived in fresh.participants:
+        existing = current.get(derived.phone_number)
+        if existing is None:
+            recording.participants.append(derived)
+            continue
+        changed = (existing.status, existing.duration) != (derived.status, derived.duration)
+        for name in ("status", "status_key", "duration", "duration_key"):
+            setattr(existing, name, getattr(derived, name))
+        if changed:
+            existing.updated_at = now
+    changed = _view(recording) != before
+    if changed:
+        recording.processed_at = now
+    return changed
+
+
 def apply_event(
     session: Session,
     event: Event,
@@ -108,8 +141,15 @@ def apply_event(
             .execution_options(populate_existing=True)
         ).scalar_one()
 
-        if session.scalar(select(WebhookEvent.id).where(WebhookEvent.fingerprint == fingerprint)) is not None:
-            session.rollback()
+        stored = session.scalar(select(WebhookEvent).where(WebhookEvent.fingerprint == fingerprint))
+        if stored is not None:
+            if received_at < stored.received_at:
+                # The copy that arrived first was applied second: it is the event's arrival time.
+                stored.received_at = received_at
+                _rebuild_from_events(session, recording, clock())
+                session.commit()
+            else:
+                session.rollback()
             return DUPLICATE
 
         changed = merge(recording, event, received_at, key, clock())
@@ -132,6 +172,16 @@ def apply_event(
     except BaseException:
         session.rollback()
         raise
+
+
+def _rebuild_from_events(session: Session, recording: VoiceRecording, now: datetime) -> None:
+    session.flush()
+    rows = session.scalars(select(WebhookEvent).where(WebhookEvent.recording_id == recording.id))
+    rebuild(recording, [(stored_event(row), row.received_at) for row in rows], now)
+
+
+def stored_event(row: WebhookEvent) -> Event:
+    return Event(row.recording_id, row.status, row.phone_number, row.recording_url, row.duration, dict(row.payload))
 
 
 def _ensure_recording(session: Session, session_id: str, received_at: datetime, now: datetime) -> None:

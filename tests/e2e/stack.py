@@ -1,0 +1,146 @@
+"""A running service for end-to-end tests: its own redis-server, migrations, gunicorn, a Celery worker."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from tests.support import ROOT, RedisServer, free_port, wait_for
+
+API_KEY = "e2e-api-key"
+BIN = Path(sys.executable).parent
+
+
+class Stack:
+    """web + worker processes, started from the Procfile's commands with a test's settings."""
+
+    def __init__(self, workdir: Path, database_url: str, worker_concurrency: int = 2, **env: str) -> None:
+        self.workdir = workdir
+        self.redis = RedisServer(workdir / "redis")
+        self.port = free_port()
+        self.database_url = database_url
+        self.worker_concurrency = worker_concurrency
+        self.extra_env = env
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def env(self) -> dict[str, str]:
+        metrics_dir = self.workdir / "metrics"
+        metrics_dir.mkdir(exist_ok=True)
+        return {
+            **os.environ,
+            "DATABASE_URL": self.database_url,
+            "REDIS_URL": self.redis.url,
+            "API_KEYS": API_KEY,
+            "LOG_FORMAT": "json",
+            "PORT": str(self.port),
+            "HOST": "127.0.0.1",
+            "WEB_CONCURRENCY": "2",
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            **self.extra_env,
+        }
+
+    def start(self) -> Stack:
+        self.redis.start()
+        subprocess.run([str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"], cwd=ROOT, env=self.env(), check=True,
+                       capture_output=True)
+        self.start_web()
+        self.start_worker()
+        wait_for(lambda: self.get("/readyz")[0] == 200, timeout=30)
+        return self
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
+        self.processes[name] = subprocess.Popen(
+            argv, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def start_web(self) -> None:
+        self._spawn("web", [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"])
+
+    def start_worker(self) -> None:
+        self._spawn("worker", [
+            str(BIN / "celery"), "-A", "worker", "worker", "--loglevel=INFO",
+            "--queues=voice-webhooks,voice-replays,voice-maintenance",
+            f"--concurrency={self.worker_concurrency}", "--without-gossip", "--without-mingle",
+            f"--hostname=e2e-{self.port}@%h",
+        ])
+
+    def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        process = self.processes.pop(name, None)
+        if process is None or process.poll() is not None:
+            return
+        os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+    def stop(self) -> None:
+        for name in list(self.processes):
+            self.stop_process(name)
+        self.redis.stop()
+
+    def log(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # --- HTTP ---------------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            conn.close()
+
+    def post_form(self, fields: dict[str, Any] | str, path: str = "/api/v1/voice/webhook") -> tuple[int, dict]:
+        body = fields if isinstance(fields, str) else urlencode(fields)
+        status, _, data = self.request("POST", path, body.encode(),
+                                       {"Content-Type": "application/x-www-form-urlencoded"})
+        return status, json.loads(data)
+
+    def post_json(self, fields: dict[str, Any]) -> tuple[int, dict]:
+        status, _, data = self.request("POST", "/api/v1/voice/webhook", json.dumps(fields).encode(),
+                                       {"Content-Type": "application/json"})
+        return status, json.loads(data)
+
+    def get(self, path: str) -> tuple[int, Any]:
+        status, _, data = self.request("GET", path, headers={"Authorization": f"Bearer {API_KEY}"})
+        try:
+            return status, json.loads(data)
+        except ValueError:
+            return status, data.decode()
+
+    def recording(self, session_id: str) -> dict | None:
+        status, body = self.get(f"/api/v1/voice/recordings/{session_id}")
+        return body if status == 200 else None
+
+    def events(self, session_id: str) -> list[dict]:
+        status, body = self.get(f"/api/v1/voice/recordings/{session_id}/events")
+        return body["events"] if status == 200 else []
+
+    def wait_for_events(self, session_id: str, count: int, timeout: float = 30) -> list[dict]:
+        return wait_for(lambda: len(self.events(session_id)) >= count and self.events(session_id), timeout=timeout)
+
+    def wait_until_idle(self, timeout: float = 60) -> None:
+        """Until the queue is drained and nothing is pending (applied or dead-lettered)."""
+        import redis
+
+        client = redis.Redis.from_url(self.redis.url)
+
+        def idle() -> bool:
+            return client.llen("voice-webhooks") == 0 and client.zcard("voice:pending:due") == 0
+
+        wait_for(idle, timeout=timeout, interval=0.2)
+        client.close()

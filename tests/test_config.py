@@ -1,0 +1,87 @@
+"""Settings from the environment: names from the contract, closed by default, clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+
+import pytest
+
+from config import DEFAULT_DATABASE_URL, ConfigError, Settings, key_digest
+
+
+def test_defaults() -> None:
+    settings = Settings.from_env({})
+    assert settings.database_url == DEFAULT_DATABASE_URL
+    assert settings.database_url.startswith("sqlite:///") and "/instance/" in settings.database_url
+    assert settings.redis_url == "redis://localhost:6379/0"
+    assert settings.broker_url == settings.redis_url
+    assert (settings.max_content_length, settings.dedup_ttl_seconds, settings.pending_redelivery_seconds) == (
+        65536, 86400, 60)
+    assert (settings.log_level, settings.log_format) == ("INFO", "json")
+    assert settings.webhook_signature_header == "X-Webhook-Signature"
+    assert settings.api_key_digests == () and settings.webhook_secrets == () and settings.webhook_tokens == ()
+
+
+def test_every_variable_is_read() -> None:
+    digest = hashlib.sha256(b"two").hexdigest()
+    settings = Settings.from_env({
+        "DATABASE_URL": "postgresql+psycopg://u@h/db",
+        "REDIS_URL": "redis://r:6379/1",
+        "CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//",
+        "API_KEYS": f"one, sha256:{digest}",
+        "WEBHOOK_SECRETS": "s1,s2",
+        "WEBHOOK_SIGNATURE_HEADER": "X-Sig",
+        "WEBHOOK_TOKENS": "t1",
+        "WEBHOOK_ALLOWED_IPS": "52.47.190.220, 3.127.102.0/24",
+        "TRUSTED_PROXY_COUNT": "1",
+        "MAX_CONTENT_LENGTH": "2048",
+        "DEDUP_TTL_SECONDS": "3600",
+        "PENDING_REDELIVERY_SECONDS": "30",
+        "LOG_LEVEL": "debug",
+        "LOG_FORMAT": "console",
+    })
+    assert settings.broker_url == "amqp://guest:guest@127.0.0.1:5672//"
+    assert settings.api_key_digests == (key_digest("one"), bytes.fromhex(digest))
+    assert settings.webhook_secrets == ("s1", "s2")
+    assert settings.webhook_allowed_ips == (
+        ipaddress.ip_network("52.47.190.220/32"), ipaddress.ip_network("3.127.102.0/24"))
+    assert (settings.trusted_proxy_count, settings.max_content_length) == (1, 2048)
+    assert (settings.dedup_ttl_seconds, settings.pending_redelivery_seconds) == (3600, 30)
+    assert (settings.log_level, settings.log_format) == ("DEBUG", "console")
+
+
+def test_secrets_are_not_in_the_repr() -> None:
+    settings = Settings.from_env({"API_KEYS": "k-secret", "WEBHOOK_SECRETS": "s-secret", "WEBHOOK_TOKENS": "t-secret"})
+    text = repr(settings)
+    assert "secret" not in text
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"APP_ENV": "production"}, "WEBHOOK_SECRETS"),
+        ({"WEBHOOK_ALLOWED_IPS": "not-an-ip"}, "WEBHOOK_ALLOWED_IPS"),
+        ({"API_KEYS": "sha256:abc"}, "API_KEYS"),
+        ({"MAX_CONTENT_LENGTH": "big"}, "MAX_CONTENT_LENGTH"),
+        ({"DEDUP_TTL_SECONDS": "1"}, "DEDUP_TTL_SECONDS"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"WEBHOOK_AUTH": "maybe"}, "WEBHOOK_AUTH"),
+    ],
+)
+def test_bad_settings_name_the_variable(env: dict, names: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert names in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"APP_ENV": "production", "WEBHOOK_TOKENS": "t"},
+        {"APP_ENV": "production", "WEBHOOK_SECRETS": "s"},
+        {"APP_ENV": "production", "WEBHOOK_AUTH": "none"},
+    ],
+)
+def test_production_starts_with_auth_or_an_explicit_none(env: dict) -> None:
+    assert Settings.from_env(env).app_env == "production"

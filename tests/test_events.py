@@ -1,0 +1,141 @@
+"""Decoding and validating webhook payloads: plain functions, no HTTP."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlencode
+
+import pytest
+
+from app.errors import InvalidPayload, UnsupportedMediaType
+from app.events import FORM, JSON_TYPE, decode_body, parse_event
+
+SEED_COMPLETED = (
+    b"sessionId=ATVoice_a1b2c3d4e5f6&phoneNumber=%2B254712345678&recordingUrl=https%3A%2F%2Fvoice.africastalking.com"
+    b"%2Frecordings%2Fa1b2c3d4e5f6.mp3&duration=420&status=completed"
+)
+
+
+def parse(fields: dict) -> object:
+    return parse_event(fields)
+
+
+def test_seed_form_example_decodes_to_its_documented_values() -> None:
+    event = parse_event(decode_body(FORM, SEED_COMPLETED))
+    assert event.session_id == "ATVoice_a1b2c3d4e5f6"
+    assert event.phone_number == "+254712345678"
+    assert event.recording_url == "https://voice.africastalking.com/recordings/a1b2c3d4e5f6.mp3"
+    assert event.duration == 420
+    assert event.status == "completed"
+    assert event.payload["duration"] == "420"  # kept exactly as received
+
+
+def test_form_and_json_with_equal_fields_are_one_event() -> None:
+    form = parse_event(decode_body(FORM, SEED_COMPLETED))
+    as_json = json.dumps(
+        {
+            "status": "completed",
+            "duration": 420,
+            "recordingUrl": "https://voice.africastalking.com/recordings/a1b2c3d4e5f6.mp3",
+            "phoneNumber": "+254712345678",
+            "sessionId": "ATVoice_a1b2c3d4e5f6",
+        }
+    ).encode()
+    assert parse_event(decode_body(JSON_TYPE, as_json)).fingerprint == form.fingerprint
+
+
+def test_field_order_does_not_change_the_fingerprint() -> None:
+    a = parse_event(decode_body(FORM, b"sessionId=S&status=busy&phoneNumber=%2B254700000001"))
+    b = parse_event(decode_body(FORM, b"phoneNumber=%2B254700000001&status=busy&sessionId=S"))
+    assert a.fingerprint == b.fingerprint
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [{"status": "failed"}, {"duration": "421"}, {"phoneNumber": "+254700000002"}, {"sessionId": "T"},
+     {"extra": "x"}],
+)
+def test_any_differing_field_makes_another_event(changed: dict) -> None:
+    base = {"sessionId": "S", "status": "busy", "phoneNumber": "+254700000001", "duration": "420"}
+    assert parse({**base, **changed}).fingerprint != parse(base).fingerprint
+
+
+def test_empty_recording_url_means_no_recording() -> None:
+    assert parse({"sessionId": "S", "status": "no-answer", "recordingUrl": ""}).recording_url is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"status": "completed"}, "sessionId is required"),
+        ({"sessionId": "", "status": "completed"}, "sessionId is required"),
+        ({"sessionId": "a b", "status": "completed"}, "sessionId must be"),
+        ({"sessionId": "x" * 129, "status": "completed"}, "sessionId must be"),
+        ({"sessionId": 12, "status": "completed"}, "sessionId must be"),
+        ({"sessionId": "S"}, "status is required"),
+        ({"sessionId": "S", "status": "done"}, "status must be one of"),
+        ({"sessionId": "S", "status": "Completed"}, "status must be one of"),
+        ({"sessionId": "S", "status": "busy", "phoneNumber": "254712345678"}, "phoneNumber must be in E.164"),
+        ({"sessionId": "S", "status": "busy", "phoneNumber": "+1234567"}, "phoneNumber must be in E.164"),
+        ({"sessionId": "S", "status": "busy", "phoneNumber": "+1234567890123456"}, "phoneNumber must be in E.164"),
+        ({"sessionId": "S", "status": "busy", "recordingUrl": "ftp://x/y"}, "recordingUrl must be"),
+        ({"sessionId": "S", "status": "busy", "recordingUrl": "/relative.mp3"}, "recordingUrl must be"),
+        ({"sessionId": "S", "status": "busy", "recordingUrl": "https://" + "a" * 2050}, "recordingUrl must be"),
+        ({"sessionId": "S", "status": "busy", "recordingUrl": "https://a b/c"}, "recordingUrl must be"),
+        ({"sessionId": "S", "status": "busy", "duration": "-1"}, "duration must be an integer between 0 and 604800"),
+        ({"sessionId": "S", "status": "busy", "duration": "604801"}, "duration must be an integer"),
+        ({"sessionId": "S", "status": "busy", "duration": "4.5"}, "duration must be an integer"),
+        ({"sessionId": "S", "status": "busy", "duration": 4.5}, "duration must be an integer"),
+        ({"sessionId": "S", "status": "busy", "duration": True}, "duration must be an integer"),
+        ({"sessionId": "S", "status": "busy", "duration": "1e3"}, "duration must be an integer"),
+        ({"sessionId": "S", "status": "busy", "note": {"a": 1}}, "note must be a string or a number"),
+        ({"sessionId": "S", "status": "busy", "note": [1]}, "note must be a string or a number"),
+        ({"sessionId": "S", "status": "busy", "note": "a\x00b"}, "note must not contain control characters"),
+        ({"sessionId": "S", "status": "busy", "bad name": "x"}, "field names must be"),
+    ],
+)
+def test_invalid_fields_are_refused_naming_the_field(fields: dict, message: str) -> None:
+    with pytest.raises(InvalidPayload) as caught:
+        parse_event(fields)
+    assert message in caught.value.message
+
+
+def test_error_carries_the_session_id_once_it_was_readable() -> None:
+    with pytest.raises(InvalidPayload) as caught:
+        parse_event({"sessionId": "S1", "status": "busy", "duration": "x"})
+    assert caught.value.session_id == "S1"
+    with pytest.raises(InvalidPayload) as caught:
+        parse_event({"sessionId": "a b", "status": "busy"})
+    assert caught.value.session_id is None
+
+
+@pytest.mark.parametrize("duration", [0, 604800, "0", "604800", 420])
+def test_duration_bounds_are_inclusive(duration: object) -> None:
+    assert parse_event({"sessionId": "S", "status": "busy", "duration": duration}).duration == int(duration)
+
+
+@pytest.mark.parametrize(
+    ("mimetype", "body", "error", "message"),
+    [
+        ("text/plain", b"sessionId=S", UnsupportedMediaType, "Content-Type must be"),
+        ("", b"sessionId=S", UnsupportedMediaType, "Content-Type must be"),
+        (FORM, b"sessionId=\xff\xfe", InvalidPayload, "not valid UTF-8"),
+        (FORM, b"sessionId=%ff", InvalidPayload, "not valid UTF-8"),
+        (FORM, b"sessionId=S&sessionId=T&status=busy", InvalidPayload, "sessionId is given more than once"),
+        (FORM, urlencode({f"f{i}": "x" for i in range(100)}).encode(), InvalidPayload, "more than 64 fields"),
+        (JSON_TYPE, b"[1, 2]", InvalidPayload, "must be a JSON object"),
+        (JSON_TYPE, b"\"text\"", InvalidPayload, "must be a JSON object"),
+        (JSON_TYPE, b"{\"sessionId\":", InvalidPayload, "not valid JSON"),
+        (JSON_TYPE, b"{\"duration\": NaN}", InvalidPayload, "not valid JSON"),
+        (JSON_TYPE, b"[" * 100000, InvalidPayload, "not valid JSON"),
+    ],
+)
+def test_bodies_that_do_not_decode(mimetype: str, body: bytes, error: type, message: str) -> None:
+    with pytest.raises(error) as caught:
+        decode_body(mimetype, body)
+    assert message in caught.value.message
+
+
+def test_blank_form_values_are_kept_as_received() -> None:
+    fields = decode_body(FORM, b"sessionId=S&status=busy&recordingUrl=")
+    assert fields == {"sessionId": "S", "status": "busy", "recordingUrl": ""}
