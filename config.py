@@ -93,6 +93,7 @@ class Settings:
     max_content_length: int = 65536
     dedup_ttl_seconds: int = 86400
     pending_redelivery_seconds: int = 60
+    event_max_retries: int = 14
     log_level: str = "INFO"
     log_format: str = "json"
     app_env: str = "development"
@@ -131,6 +132,7 @@ class Settings:
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", 65536, 1024, 10 * 1024 * 1024),
             dedup_ttl_seconds=_int(env, "DEDUP_TTL_SECONDS", 86400, 60, 90 * 86400),
             pending_redelivery_seconds=_int(env, "PENDING_REDELIVERY_SECONDS", 60, 5, 86400),
+            event_max_retries=_int(env, "EVENT_MAX_RETRIES", 14, 0, 100),
             log_level=log_level,
             log_format=log_format,
             app_env=env.get("APP_ENV", "development").strip().lower() or "development",

@@ -59,7 +59,7 @@ def engine_options(database_url: str) -> dict[str, Any]:
         "connect_args": {
             "connect_timeout": 5,
             # A lock wait or a query longer than these is a transient failure the task retries.
-            "options": "-c lock_timeout=10000 -c statement_timeout=30000",
+            "options": "-c lock_timeout=5000 -c statement_timeout=10000",
         },
     }
 

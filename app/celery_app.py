@@ -16,15 +16,21 @@ from app.logs import configure_logging
 from app.queues import MAINTENANCE_QUEUE, WEBHOOK_QUEUE
 from config import Settings
 
-# A task runs in milliseconds; the limits only stop one stuck on a hung connection.
-TASK_SOFT_TIME_LIMIT = 45
-TASK_TIME_LIMIT = 60  # below the dedup claim's TTL (delivery.CLAIM_TTL_SECONDS), so a live task keeps its claim
+# A task runs in milliseconds; the limits only stop one stuck on a hung connection. They sit above
+# the database's own lock and statement timeouts (app.engine_options), which fail first as
+# transient errors, and below the dedup claim's TTL, so a live task never loses its claim.
+TASK_SOFT_TIME_LIMIT = 12
+TASK_TIME_LIMIT = 15
 # Redis transport: a message taken but not acknowledged goes back to its queue after this long.
-# It must exceed the longest a worker may hold a message (a task's time limit, and a retry's
-# countdown, which waits in the worker unacknowledged) or live work is delivered twice; the
-# shorter it is, the sooner a crashed worker's messages come back. 300 s sits above both with
-# room, and the pending-set sweeper covers what this cannot.
-VISIBILITY_TIMEOUT = 300
+# Trade-off: shorter brings a killed worker's messages back sooner; but it must stay well above
+# the longest a live worker holds a message (a task's hard limit, and a retry's countdown, which
+# waits in the worker unacknowledged: tasks.BACKOFF_MAX_SECONDS), or live work is delivered twice
+# (harmless in effect thanks to dedup, but wasted). 45 s is three hard limits and 1.5 countdowns.
+VISIBILITY_TIMEOUT = 45
+# How often a worker looks for messages past their visibility timeout. kombu's default looks every
+# 10 s but scans only every 10th look (100 s); scanning every 5 s bounds a killed worker's
+# redelivery by 50 s, for one cheap sorted-set range query per worker every 5 s.
+UNACKED_RESTORE_INTERVAL = 5
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -37,6 +43,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if broker_is_redis:
         transport_options |= {
             "visibility_timeout": VISIBILITY_TIMEOUT,
+            "unacked_restore_interval": UNACKED_RESTORE_INTERVAL,
+            "unacked_restore_throttle": 1,
+            # The restore holds a Redis mutex for milliseconds; a worker killed while holding it
+            # would block every restore until it expires (kombu's default: 300 s).
+            "unacked_mutex_expire": 30,
             # Publishing on the webhook's path must fail fast when Redis is down or hung.
             "socket_timeout": settings.redis_socket_timeout * 2,
             "socket_connect_timeout": settings.redis_socket_timeout,

@@ -33,6 +33,11 @@ log = structlog.get_logger(__name__)
 DEDUP_PREFIX = "voice:dedup:"
 PENDING_DATA = "voice:pending:data"  # hash: event key -> envelope JSON
 PENDING_DUE = "voice:pending:due"  # sorted set: event key -> when the sweeper may send it again
+PENDING_SENDS = "voice:pending:sends"  # hash: event key -> how often the sweeper sent it again
+# Each re-send of one event waits twice as long as the one before (up to 2**6 times
+# PENDING_REDELIVERY_SECONDS), so a backlog that outlasts the redelivery age costs a few cheap
+# duplicates per event, not one per sweep.
+MAX_RESEND_DOUBLINGS = 6
 DEAD_LETTER_LIST = "voice:dead-letters"
 DONE = "done"  # stored as done:<arrival time of the copy applied>
 # A claim outlives the task's hard time limit, so a live task never loses its claim; a worker
@@ -141,6 +146,7 @@ def remove_pending(key: str) -> None:
     pipe = redis_client().pipeline(transaction=True)
     pipe.hdel(PENDING_DATA, key)
     pipe.zrem(PENDING_DUE, key)
+    pipe.hdel(PENDING_SENDS, key)
     pipe.execute()
 
 
@@ -216,7 +222,9 @@ def sweep_pending(now: float | None = None) -> int:
         if raw is None:
             client.zrem(PENDING_DUE, key)
             continue
-        client.zadd(PENDING_DUE, {key: now + settings().pending_redelivery_seconds}, xx=True)
+        sends = int(client.hincrby(PENDING_SENDS, key, 1))
+        wait = settings().pending_redelivery_seconds * 2 ** min(sends, MAX_RESEND_DOUBLINGS)
+        client.zadd(PENDING_DUE, {key: now + wait}, xx=True)
         send(Envelope.from_json(raw), WEBHOOK_QUEUE)
         sent += 1
     if sent:

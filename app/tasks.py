@@ -7,6 +7,7 @@ import random
 import redis
 import structlog
 from celery import Task, shared_task
+from flask import current_app
 from sqlalchemy import exc as sa_exc
 
 from app import metrics
@@ -35,9 +36,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.TimeoutError,
     ClaimBusy,
 )
-MAX_RETRIES = 10  # with the backoff below, about six minutes of outage before a dead letter
+# Retry policy: exponential backoff from 1 s with equal jitter, capped; the number of retries is
+# EVENT_MAX_RETRIES (default 14: about five minutes of outage before an event is dead-lettered).
 BACKOFF_FIRST_SECONDS = 1.0
-BACKOFF_MAX_SECONDS = 60.0  # below the broker's visibility timeout, so a waiting retry is never redelivered
+BACKOFF_MAX_SECONDS = 30.0  # below the broker's visibility timeout, so a waiting retry is never redelivered
 CLAIM_BUSY_MAX_SECONDS = 5.0  # the other task usually finishes in milliseconds
 
 
@@ -48,17 +50,20 @@ def backoff_seconds(retries: int, busy: bool = False) -> float:
     return step / 2 + random.uniform(0, step / 2)  # noqa: S311 - jitter, not a secret
 
 
-@shared_task(bind=True, name="voice.apply_webhook_event", acks_late=True, max_retries=MAX_RETRIES)
+# max_retries=None: the task counts its retries itself against EVENT_MAX_RETRIES, and dead-letters
+# the event after the last one instead of letting Celery drop it as failed.
+@shared_task(bind=True, name="voice.apply_webhook_event", acks_late=True, max_retries=None)
 def apply_webhook_event(self: Task, message: dict, received_at: str, request_id: str | None = None) -> str:
     envelope = Envelope(message, received_at, request_id)
+    structlog.contextvars.clear_contextvars()  # nothing carries over from the process's previous task
     structlog.contextvars.bind_contextvars(
-        request_id=request_id, task_id=self.request.id, session_id=message.get("session_id")
+        request_id=request_id, task_id=self.request.id, session_id=message.get("session_id"), event_key=envelope.key
     )
     try:
         outcome = deliver(envelope, owner=self.request.id)
     except TRANSIENT_ERRORS as exc:
         attempts = self.request.retries + 1
-        if self.request.retries >= self.max_retries:
+        if self.request.retries >= current_app.extensions["settings"].event_max_retries:
             dead_letter(envelope, f"{type(exc).__name__}: {exc}", attempts)
             metrics.observe_event("dead_lettered")
             return "dead_lettered"
@@ -66,7 +71,7 @@ def apply_webhook_event(self: Task, message: dict, received_at: str, request_id:
         postpone_pending(envelope.key, countdown)
         metrics.observe_event("retried")
         log.warning("event_retry", attempt=attempts, countdown=round(countdown, 2), error_type=type(exc).__name__)
-        raise self.retry(exc=exc, countdown=countdown) from None
+        raise self.retry(exc=exc, countdown=countdown, max_retries=None) from None
     except Exception as exc:  # not transient: retrying cannot help, so keep it rather than loop or lose it
         log.exception("event_failed")
         dead_letter(envelope, f"{type(exc).__name__}: {exc}", self.request.retries + 1)

@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -54,9 +55,10 @@ def redis_server_binary() -> str:
 class RedisServer:
     """A redis-server of the test's own on a free port; it can be stopped and started again."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, persistent: bool = False) -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.persistent = persistent  # an append-only file, so a restart keeps queued messages
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -67,7 +69,8 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
+             "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -104,3 +107,54 @@ def pg_database(prefix: str = "voice_test") -> Iterator[str]:
         yield url
     finally:
         drop_pg_database(url)
+
+
+def postgres_bin(name: str) -> str:
+    """A PostgreSQL server program (initdb, pg_ctl) from the newest installed version."""
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
+    if not found:
+        raise FileNotFoundError(f"no /usr/lib/postgresql/*/bin/{name}: install PostgreSQL's server package")
+    return str(found[-1])
+
+
+class PostgresServer:
+    """A PostgreSQL server of the test's own, on a free port, that a fault test may stop.
+
+    initdb and pg_ctl refuse to run as root: as root they run as the postgres user, in a folder
+    that user owns (made directly under the system's temporary folder, which it can reach).
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix="voice-pg-"))
+        self.datadir = self.workdir / "data"
+        self.as_root = os.geteuid() == 0
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *argv: str) -> None:
+        prefix = ["runuser", "-u", "postgres", "--"] if self.as_root else []
+        subprocess.run([*prefix, *argv], check=True, capture_output=True, timeout=120)
+
+    def init(self) -> PostgresServer:
+        if self.as_root:
+            shutil.chown(self.workdir, "postgres", "postgres")
+        self._run(postgres_bin("initdb"), "-D", str(self.datadir), "-A", "trust", "-U", "postgres", "--no-sync")
+        return self
+
+    def start(self) -> PostgresServer:
+        options = f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(postgres_bin("pg_ctl"), "-D", str(self.datadir), "-o", options,
+                  "-l", str(self.workdir / "postgres.log"), "-w", "start")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast`` disconnects clients and shuts down; ``immediate`` is a crash."""
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._run(postgres_bin("pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.workdir, ignore_errors=True)

@@ -147,6 +147,24 @@ def test_sweeper_resends_only_what_is_due(app: Flask) -> None:
         assert sweep_pending() == 0
 
 
+def test_each_resend_of_an_event_waits_twice_as_long(app: Flask) -> None:
+    with app.app_context():
+        client = app.extensions["redis"]
+        env = envelope("SLOW")
+        delivery.add_pending(client, env.key, env, 0)
+        age = app.extensions["settings"].pending_redelivery_seconds
+        now = time.time()
+        waits = []
+        for _ in range(8):
+            assert sweep_pending(now=now) == 1
+            due = client.zscore(PENDING_DUE, env.key)
+            waits.append(round((due - now) / age))
+            now = due
+        assert waits == [2, 4, 8, 16, 32, 64, 64, 64]
+        assert deliver(env, owner="t") == APPLIED
+        assert client.hget(delivery.PENDING_SENDS, env.key) is None
+
+
 def test_dead_letters_are_stored_listed_and_replayed_once(app: Flask) -> None:
     with app.app_context():
         env = envelope()

@@ -11,6 +11,7 @@ from app.domain import merge, rebuild
 from app.events import Event
 from app.models import VoiceRecording
 from app.timeutil import order_key
+from tests.oracle import arrival_order_state
 
 T0 = datetime(2026, 3, 6, 14, 0, tzinfo=UTC)
 P1, P2 = "+254712345678", "+254787654321"
@@ -67,30 +68,6 @@ def state(recording: VoiceRecording) -> dict:
         "recording_url": recording.recording_url,
         "created_at": recording.created_at,
         "participants": sorted((p.phone_number, p.status, p.duration) for p in recording.participants),
-    }
-
-
-def arrival_order_state(deliveries: list[tuple[Event, datetime]]) -> dict:
-    """The contract's rules stated directly, over distinct events sorted by arrival."""
-    first: dict[str, tuple[Event, datetime]] = {}
-    for event, received_at in deliveries:
-        if event.fingerprint not in first or received_at < first[event.fingerprint][1]:
-            first[event.fingerprint] = (event, received_at)
-    events = sorted(first.values(), key=lambda item: item[1])
-    completed = [e for e, _ in events if e.status == "completed"]
-    with_url = [e for e in completed if e.recording_url]
-    durations = [e.duration for e, _ in events if e.duration is not None]
-    participants = {}
-    for phone in {e.phone_number for e, _ in events if e.phone_number}:
-        mine = [e for e, _ in events if e.phone_number == phone]
-        timed = [e.duration for e in mine if e.duration is not None]
-        participants[phone] = (phone, mine[-1].status, timed[-1] if timed else None)
-    return {
-        "status": "completed" if completed else events[-1][0].status,
-        "duration": max(durations) if durations else None,
-        "recording_url": with_url[-1].recording_url if with_url else None,
-        "created_at": events[0][1],
-        "participants": sorted(participants.values()),
     }
 
 

@@ -17,7 +17,7 @@ from app import create_app, tasks
 from app.delivery import DEAD_LETTER_LIST, PENDING_DATA, Envelope, add_pending
 from app.extensions import db
 from app.models import DeadLetter, VoiceRecording
-from app.tasks import BACKOFF_MAX_SECONDS, CLAIM_BUSY_MAX_SECONDS, MAX_RETRIES, apply_webhook_event, backoff_seconds
+from app.tasks import BACKOFF_MAX_SECONDS, CLAIM_BUSY_MAX_SECONDS, apply_webhook_event, backoff_seconds
 from config import Settings
 from tests.support import free_port
 
@@ -45,7 +45,7 @@ def test_database_down_is_retried_then_dead_lettered_once(app: Flask, settings: 
         client = broken.extensions["redis"]
         [raw] = client.lrange(DEAD_LETTER_LIST, 0, -1)  # the database is down: Redis holds it
         letter = json.loads(raw)
-        assert letter["attempts"] == MAX_RETRIES + 1
+        assert letter["attempts"] == Settings().event_max_retries + 1
         assert letter["error"].startswith("OperationalError")
         assert letter["envelope"]["message"] == MESSAGE
         assert not client.hexists(PENDING_DATA, envelope.key)  # dead-lettered: the sweeper leaves it

@@ -21,12 +21,15 @@ BIN = Path(sys.executable).parent
 class Stack:
     """web + worker processes, started from the Procfile's commands with a test's settings."""
 
-    def __init__(self, workdir: Path, database_url: str, worker_concurrency: int = 2, **env: str) -> None:
+    def __init__(self, workdir: Path, database_url: str, worker_concurrency: int = 2, workers: int = 1,
+                 beat: bool = False, persistent_redis: bool = False, **env: str) -> None:
         self.workdir = workdir
-        self.redis = RedisServer(workdir / "redis")
+        self.redis = RedisServer(workdir / "redis", persistent=persistent_redis)
         self.port = free_port()
         self.database_url = database_url
         self.worker_concurrency = worker_concurrency
+        self.worker_names = ["worker"] + [f"worker{n}" for n in range(2, workers + 1)]
+        self.beat = beat
         self.extra_env = env
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -51,7 +54,10 @@ class Stack:
         subprocess.run([str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"], cwd=ROOT, env=self.env(), check=True,
                        capture_output=True)
         self.start_web()
-        self.start_worker()
+        for name in self.worker_names:
+            self.start_worker(name)
+        if self.beat:
+            self.start_beat()
         wait_for(lambda: self.get("/readyz")[0] == 200, timeout=30)
         return self
 
@@ -64,13 +70,25 @@ class Stack:
     def start_web(self) -> None:
         self._spawn("web", [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"])
 
-    def start_worker(self) -> None:
-        self._spawn("worker", [
+    def start_worker(self, name: str = "worker") -> None:
+        self._spawn(name, [
             str(BIN / "celery"), "-A", "worker", "worker", "--loglevel=INFO",
             "--queues=voice-webhooks,voice-replays,voice-maintenance",
             f"--concurrency={self.worker_concurrency}", "--without-gossip", "--without-mingle",
-            f"--hostname=e2e-{self.port}@%h",
+            f"--hostname={name}-{self.port}@%h",
         ])
+
+    def start_beat(self) -> None:
+        self._spawn("beat", [str(BIN / "celery"), "-A", "worker", "beat", "--loglevel=INFO",
+                             f"--schedule={self.workdir / 'celerybeat-schedule'}"])
+
+    def flask(self, *args: str) -> str:
+        """Run a ``flask voice ...`` command against this stack; returns what it printed."""
+        done = subprocess.run([str(BIN / "flask"), "--app", "wsgi", *args], cwd=ROOT, env=self.env(),
+                              capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"flask {' '.join(args)} failed: {done.stdout}{done.stderr}")
+        return done.stdout
 
     def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
         process = self.processes.pop(name, None)
@@ -87,6 +105,10 @@ class Stack:
         for name in list(self.processes):
             self.stop_process(name)
         self.redis.stop()
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a process and its whole group: a crash, with no chance to clean up."""
+        self.stop_process(name, signal.SIGKILL)
 
     def log(self, name: str) -> str:
         path = self.workdir / f"{name}.log"

@@ -1,0 +1,42 @@
+"""Run fault scenarios, repeatedly, and print the tally as a table.
+
+    python -m tests.faults.run                       # every scenario once
+    python -m tests.faults.run --repeat 20 kill      # the worker-kill scenario twenty times
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.faults.scenarios import SCENARIOS, Tally
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, []], help="default: all")
+    parser.add_argument("--repeat", type=int, default=1)
+    args = parser.parse_args()
+    names = args.scenarios or list(SCENARIOS)
+    rows: list[tuple[str, int, Tally, float]] = []
+    for name in names:
+        for run in range(1, args.repeat + 1):
+            started = time.monotonic()
+            with tempfile.TemporaryDirectory(prefix=f"fault-{name}-") as workdir:
+                tally = SCENARIOS[name](Path(workdir), seed=run)
+            rows.append((name, run, tally, time.monotonic() - started))
+            print(f"{name} #{run}: {'ok' if tally.ok else 'FAILED'} {tally}", file=sys.stderr, flush=True)
+    print("| fault | runs | events sent | applied | applied twice | lost |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        mine = [t for n, _, t, _ in rows if n == name]
+        print(f"| {mine[0].fault} | {len(mine)} | {sum(t.sent for t in mine)} | {sum(t.applied for t in mine)} "
+              f"| {sum(t.applied_twice for t in mine)} | {sum(t.lost for t in mine)} |")
+    return 0 if all(t.ok for _, _, t, _ in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
