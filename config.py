@@ -94,6 +94,7 @@ class Settings:
     dedup_ttl_seconds: int = 86400
     pending_redelivery_seconds: int = 60
     event_max_retries: int = 14
+    worker_metrics_port: int = 9808
     log_level: str = "INFO"
     log_format: str = "json"
     app_env: str = "development"
@@ -133,6 +134,7 @@ class Settings:
             dedup_ttl_seconds=_int(env, "DEDUP_TTL_SECONDS", 86400, 60, 90 * 86400),
             pending_redelivery_seconds=_int(env, "PENDING_REDELIVERY_SECONDS", 60, 5, 86400),
             event_max_retries=_int(env, "EVENT_MAX_RETRIES", 14, 0, 100),
+            worker_metrics_port=_int(env, "WORKER_METRICS_PORT", 9808, 0, 65535),
             log_level=log_level,
             log_format=log_format,
             app_env=env.get("APP_ENV", "development").strip().lower() or "development",

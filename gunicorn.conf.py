@@ -21,6 +21,13 @@ accesslog = None  # the app logs one structured line per webhook
 errorlog = "-"
 
 
+def on_starting(server):
+    """Drop metric files left by processes of an earlier run on this host."""
+    from app.metrics import prune_dead_process_files
+
+    prune_dead_process_files()
+
+
 def child_exit(server, worker):
     """Drop a dead worker's live metric files (prometheus_client multiprocess mode)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -12,6 +12,7 @@ from typing import Any
 from celery import Celery, Task, signals
 from flask import Flask
 
+from app import metrics
 from app.logs import configure_logging
 from app.queues import MAINTENANCE_QUEUE, WEBHOOK_QUEUE
 from config import Settings
@@ -103,6 +104,14 @@ def celery_init_app(app: Flask) -> Celery:
     def _logging(**_kwargs: Any) -> None:
         """The service's structured logs in the worker too, instead of Celery's own setup."""
         configure_logging(settings.log_level, settings.log_format)
+
+    @signals.worker_init.connect(weak=False)
+    def _prune_metrics(**_kwargs: Any) -> None:
+        metrics.prune_dead_process_files()
+
+    @signals.worker_ready.connect(weak=False)
+    def _metrics_port(**_kwargs: Any) -> None:
+        metrics.serve_worker_metrics(app, settings.worker_metrics_port)
 
     celery_app = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object(app.config["CELERY"])

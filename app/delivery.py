@@ -17,15 +17,16 @@ from typing import Any
 import redis
 import structlog
 from flask import current_app
+from kombu.exceptions import ChannelError as KombuChannelError
 from kombu.exceptions import OperationalError as KombuOperationalError
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from app.domain import DUPLICATE, apply_event
 from app.errors import QueueUnavailable
 from app.events import Event
 from app.extensions import db
 from app.models import DeadLetter
-from app.queues import WEBHOOK_QUEUE
+from app.queues import ALL_QUEUES, WEBHOOK_QUEUE
 from app.timeutil import parse_rfc3339, utcnow
 
 log = structlog.get_logger(__name__)
@@ -152,6 +153,29 @@ def remove_pending(key: str) -> None:
 
 def pending_count() -> int:
     return int(redis_client().zcard(PENDING_DUE))
+
+
+def queue_depths() -> dict[str, int]:
+    """Messages waiting in each of the service's queues, on whichever broker is configured."""
+    depths = {}
+    with current_app.extensions["celery"].connection_for_read() as connection:
+        channel = connection.default_channel
+        for queue in ALL_QUEUES:
+            try:
+                depths[queue] = int(channel.queue_declare(queue=queue, passive=True).message_count)
+            except KombuChannelError:  # not declared yet: nothing was ever sent to it
+                depths[queue] = 0
+                channel = connection.channel()  # AMQP closes a channel after a failed passive declare
+    return depths
+
+
+def state_counts(name: str) -> int:
+    """``pending``: events accepted and not applied; ``dead_letters``: not replayed yet."""
+    if name == "pending":
+        return pending_count()
+    unreplayed = db.session.scalar(select(func.count()).select_from(DeadLetter).where(DeadLetter.replayed_at.is_(None)))
+    db.session.rollback()
+    return int(unreplayed or 0) + int(redis_client().llen(DEAD_LETTER_LIST))
 
 
 # --- web side --------------------------------------------------------------------------------

@@ -1,27 +1,42 @@
 """Prometheus metrics, correct across several gunicorn and Celery processes.
 
-With PROMETHEUS_MULTIPROC_DIR set (the Procfile sets it), every process writes its samples to
-files there and /metrics aggregates them; without it, the process's own registry is served.
+With PROMETHEUS_MULTIPROC_DIR set (the Procfile sets it), every process writes its counters and
+histograms to files there, and a scrape adds them up; without it, a process serves its own. Gauges
+of shared state (queue depth, pending events, dead letters) are read from Redis, the broker and
+the database at scrape time, so any process reports the same numbers.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import structlog
+from flask import Flask
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import REGISTRY as PROCESS_REGISTRY
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+log = structlog.get_logger(__name__)
 
 WEBHOOKS = Counter("voice_webhooks_total", "Webhook requests by outcome and reason.", ["outcome", "reason"])
 ACK_SECONDS = Histogram(
     "voice_webhook_ack_seconds",
-    "Time from request start to the webhook's answer.",
+    "Time from the webhook request's start to its answer.",
     buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
-EVENTS = Counter("voice_events_total", "Events processed by workers, by outcome.", ["outcome"])
+EVENTS = Counter(
+    "voice_events_total", "Events processed by workers, by outcome (applied, no_effect, duplicate, retried, "
+    "dead_lettered).", ["outcome"]
+)
 EVENT_LAG = Histogram(
     "voice_event_lag_seconds",
-    "Time from the webhook's arrival to the event's commit.",
+    "Time from the webhook's arrival to the commit of its event.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 
@@ -37,10 +52,90 @@ def observe_event(outcome: str, lag_seconds: float | None = None) -> None:
         EVENT_LAG.observe(max(lag_seconds, 0.0))
 
 
-def render() -> tuple[bytes, str]:
-    """The text exposition of every process's metrics (or this process's alone)."""
+class StateCollector(Collector):
+    """Gauges read from shared state at scrape time; a dependency that fails is left out."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        from app.delivery import queue_depths, state_counts
+
+        with self.app.app_context():
+            try:
+                depth = GaugeMetricFamily("voice_queue_depth", "Messages waiting in each queue.", labels=["queue"])
+                for queue, count in queue_depths().items():
+                    depth.add_metric([queue], count)
+                yield depth
+            except Exception as exc:  # the broker is down: report what can be read
+                log.warning("metrics_queue_depth_failed", error_type=type(exc).__name__)
+            for name, help_text, reader in (
+                ("voice_pending_events", "Events accepted and not yet applied.", "pending"),
+                ("voice_dead_letters", "Dead letters not yet replayed (database and Redis).", "dead_letters"),
+            ):
+                try:
+                    yield GaugeMetricFamily(name, help_text, value=state_counts(reader))
+                except Exception as exc:
+                    log.warning("metrics_gauge_failed", metric=name, error_type=type(exc).__name__)
+
+
+def registry_for(app: Flask) -> CollectorRegistry:
+    """What a scrape returns: every process's samples (or this one's) and the shared-state gauges."""
+    registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
         MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(PROCESS_REGISTRY), CONTENT_TYPE_LATEST
+    else:
+        for collector in list(PROCESS_REGISTRY._collector_to_names):
+            registry.register(collector)
+    registry.register(StateCollector(app))
+    return registry
+
+
+def render(app: Flask) -> tuple[bytes, str]:
+    return generate_latest(registry_for(app)), CONTENT_TYPE_LATEST
+
+
+_PID_IN_NAME = re.compile(r"_(\d+)\.db$")
+
+
+def prune_dead_process_files() -> int:
+    """Drop the sample files of processes that no longer run (a restart reads as a counter reset).
+
+    Called as web and worker start, so a host's metrics folder does not grow with every restart.
+    """
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return 0
+    removed = 0
+    for path in Path(folder).glob("*.db"):
+        match = _PID_IN_NAME.search(path.name)
+        if match and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def serve_worker_metrics(app: Flask, port: int) -> Any:
+    """The worker's own scrape endpoint, on ``port`` (0 turns it off); never stops the worker."""
+    if not port:
+        return None
+    from prometheus_client import start_http_server
+
+    try:
+        server, _thread = start_http_server(port, addr="0.0.0.0", registry=registry_for(app))  # noqa: S104
+    except OSError as exc:
+        log.warning("worker_metrics_port_unavailable", port=port, error=str(exc))
+        return None
+    log.info("worker_metrics_listening", port=port)
+    return server
+

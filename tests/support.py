@@ -158,3 +158,17 @@ class PostgresServer:
     def remove(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def rabbitmq_vhost() -> Iterator[str]:
+    """A virtual host of the test's own on the machine's RabbitMQ; its queues go with it."""
+    name = f"voice-test-{uuid.uuid4().hex[:10]}"
+    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    subprocess.run([ctl, "add_vhost", name], check=True, capture_output=True, timeout=60)
+    subprocess.run([ctl, "set_permissions", "-p", name, "guest", ".*", ".*", ".*"], check=True,
+                   capture_output=True, timeout=60)
+    try:
+        yield f"amqp://guest:guest@127.0.0.1:5672/{name}"
+    finally:
+        subprocess.run([ctl, "delete_vhost", name], capture_output=True, timeout=60)

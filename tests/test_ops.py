@@ -27,7 +27,7 @@ def test_readyz_reports_each_dependency(client: FlaskClient) -> None:
     assert response.status_code == 200
     body = response.get_json()
     assert body["status"] == "ready"
-    assert set(body["checks"]) == {"database", "redis"}
+    assert set(body["checks"]) == {"database", "redis", "broker"}
     assert all(check["ok"] and check["latency_ms"] >= 0 for check in body["checks"].values())
 
 
@@ -36,8 +36,15 @@ def test_readyz_names_what_failed(make_app, settings: Settings) -> None:
     response = client.get("/readyz")
     assert response.status_code == 503
     body = response.get_json()
-    assert body["failed"] == ["redis"]
+    assert body["failed"] == ["redis", "broker"]  # Redis is the broker too here
     assert body["checks"]["database"]["ok"] is True
+
+
+def test_readyz_names_a_separate_broker_that_failed(make_app, settings: Settings) -> None:
+    broker = f"redis://127.0.0.1:{free_port()}/0"
+    client = make_app(dataclasses.replace(settings, celery_broker_url=broker)).test_client()
+    body = client.get("/readyz").get_json()
+    assert body["failed"] == ["broker"]
 
 
 def test_metrics_count_webhooks(client: FlaskClient) -> None:

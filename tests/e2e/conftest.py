@@ -1,4 +1,4 @@
-"""A running stack per database, shared by a module's tests."""
+"""A running stack per database and broker, shared by a module's tests."""
 
 from __future__ import annotations
 
@@ -8,18 +8,30 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.stack import Stack
-from tests.support import pg_database
+from tests.support import pg_database, rabbitmq_vhost
+
+STACKS = [
+    pytest.param(("sqlite", "redis"), id="sqlite-redis"),
+    pytest.param(("postgresql", "redis"), id="postgresql-redis", marks=pytest.mark.postgres),
+    pytest.param(("postgresql", "rabbitmq"), id="postgresql-rabbitmq", marks=pytest.mark.postgres),
+]
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(scope="module", params=STACKS)
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """gunicorn and a Celery worker on free ports, with their own Redis, on SQLite or PostgreSQL."""
-    workdir = Path(tmp_path_factory.mktemp(f"stack-{request.param}"))
-    if request.param == "sqlite":
+    """gunicorn and a Celery worker on free ports with their own Redis, on SQLite or PostgreSQL,
+    with Redis or RabbitMQ (a virtual host of its own) as the broker."""
+    database, broker = request.param
+    workdir = Path(tmp_path_factory.mktemp(f"stack-{database}-{broker}"))
+    if database == "sqlite":
         yield from _run(Stack(workdir, f"sqlite:///{workdir / 'voice.db'}"), request)
-    else:
-        with pg_database("voice_e2e") as url:
+        return
+    with pg_database("voice_e2e") as url:
+        if broker == "redis":
             yield from _run(Stack(workdir, url), request)
+            return
+        with rabbitmq_vhost() as broker_url:
+            yield from _run(Stack(workdir, url, CELERY_BROKER_URL=broker_url), request)
 
 
 def _run(stack: Stack, request: pytest.FixtureRequest) -> Iterator[Stack]:

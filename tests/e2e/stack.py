@@ -31,6 +31,7 @@ class Stack:
         self.worker_names = ["worker"] + [f"worker{n}" for n in range(2, workers + 1)]
         self.beat = beat
         self.extra_env = env
+        self.metrics_port = free_port()
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def env(self) -> dict[str, str]:
@@ -46,6 +47,7 @@ class Stack:
             "HOST": "127.0.0.1",
             "WEB_CONCURRENCY": "2",
             "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            "WORKER_METRICS_PORT": str(self.metrics_port),
             **self.extra_env,
         }
 
@@ -162,7 +164,8 @@ class Stack:
         client = redis.Redis.from_url(self.redis.url)
 
         def idle() -> bool:
-            return client.llen("voice-webhooks") == 0 and client.zcard("voice:pending:due") == 0
+            queued = 0 if "CELERY_BROKER_URL" in self.extra_env else client.llen("voice-webhooks")
+            return queued == 0 and client.zcard("voice:pending:due") == 0
 
         wait_for(idle, timeout=timeout, interval=0.2)
         client.close()

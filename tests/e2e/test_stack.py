@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import socket
+import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.e2e.stack import Stack
+from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -128,17 +130,73 @@ def test_read_api_over_http(stack: Stack) -> None:
     assert status == 401 and json.loads(data) == {"error": "missing bearer token"}
 
 
-def test_metrics_add_up_across_web_processes(stack: Stack) -> None:
-    before = _accepted(stack)
-    for _ in range(6):
-        assert stack.post_form({"sessionId": unique("m"), "status": "busy"})[0] == 200
-    assert _accepted(stack) == before + 6
+def test_metrics_add_up_across_processes(stack: Stack) -> None:
+    """Two gunicorn workers and two Celery processes write samples; a scrape adds them all up."""
+    before_web, before_events = _sample(stack, WEB_ACCEPTED), _sample(stack, EVENTS_APPLIED)
+    sessions = [unique("m") for _ in range(6)]
+    for session in sessions:
+        assert stack.post_form({"sessionId": session, "status": "busy"})[0] == 200
+    for session in sessions:
+        stack.wait_for_events(session, 1)
+    assert _sample(stack, WEB_ACCEPTED) == before_web + 6
+    wait_for(lambda: _sample(stack, EVENTS_APPLIED) == before_events + 6, timeout=10)
+    _, text = stack.get("/metrics")
+    assert "voice_webhook_ack_seconds_bucket" in text and "voice_event_lag_seconds_bucket" in text
+    assert 'voice_queue_depth{queue="voice-webhooks"}' in text
+    assert "voice_pending_events " in text and "voice_dead_letters " in text
 
 
-def _accepted(stack: Stack) -> float:
+def test_the_worker_consumes_from_the_configured_broker(stack: Stack) -> None:
+    expected = "amqp://" if "CELERY_BROKER_URL" in stack.extra_env else "redis://"
+    transport = next(line for line in stack.log("worker").splitlines() if "transport:" in line)
+    assert expected in transport
+
+
+def test_worker_metrics_port(stack: Stack) -> None:
+    text = wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics",
+                                                   timeout=5).read().decode())
+    assert 'voice_events_total{outcome="applied"}' in text
+    assert "voice_queue_depth" in text
+
+
+def test_readiness_reports_every_dependency_with_latency(stack: Stack) -> None:
+    status, body = stack.get("/readyz")
+    assert status == 200
+    assert set(body["checks"]) == {"database", "redis", "broker"}
+    assert all(check["ok"] and check["latency_ms"] >= 0 for check in body["checks"].values())
+
+
+def test_request_id_travels_into_the_task_log(stack: Stack) -> None:
+    session, request_id = unique("rid"), f"trace-{uuid.uuid4().hex[:8]}"
+    status, headers, _ = stack.request("POST", "/api/v1/voice/webhook",
+                                       f"sessionId={session}&status=busy".encode(),
+                                       {"Content-Type": "application/x-www-form-urlencoded",
+                                        "X-Request-ID": request_id})
+    assert status == 200 and headers["X-Request-ID"] == request_id
+    stack.wait_for_events(session, 1)
+    web_line = _log_line(stack, "web", request_id)
+    task_line = wait_for(lambda: _log_line(stack, "worker", request_id))
+    assert web_line["event"] == "webhook" and web_line["session_id"] == session
+    assert task_line["event"] == "event_applied" and task_line["session_id"] == session
+
+
+WEB_ACCEPTED = 'voice_webhooks_total{outcome="accepted",reason="ok"}'
+EVENTS_APPLIED = 'voice_events_total{outcome="applied"}'
+
+
+def _sample(stack: Stack, name: str) -> float:
     status, text = stack.get("/metrics")
     assert status == 200
     for line in text.splitlines():
-        if line.startswith('voice_webhooks_total{outcome="accepted",reason="ok"}'):
+        if line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def _log_line(stack: Stack, name: str, request_id: str) -> dict | None:
+    for line in stack.log(name).splitlines():
+        if request_id in line and line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("request_id") == request_id and entry["event"] in {"webhook", "event_applied"}:
+                return entry
+    return None
