@@ -1,0 +1,69 @@
+"""Flower, as the Procfile starts it: behind basic auth, and seeing the workers' task events."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.e2e.stack import Stack
+from tests.support import ROOT, free_port, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def procfile_command(name: str) -> str:
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.startswith(f"{name}: "):
+            return line.split(": ", 1)[1]
+    raise KeyError(name)
+
+
+def fetch(url: str, auth: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, b""
+
+
+def test_flower_needs_basic_auth_and_sees_task_events(stack: Stack) -> None:
+    port = free_port()
+    env = {**stack.env(), "FLOWER_PORT": str(port), "FLOWER_BASIC_AUTH": "ops:flower-test-password",
+           "PATH": f"{ROOT / '.venv' / 'bin'}:{stack.env()['PATH']}"}
+    flower = subprocess.Popen(["bash", "-c", procfile_command("flower")], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: fetch(base + "/healthcheck")[0] == 200, timeout=30)
+        assert fetch(base + "/api/workers")[0] == 401
+        assert fetch(base + "/api/workers", "ops:wrong")[0] == 401
+        sent = []
+
+        def task_seen() -> bool:
+            # Flower's event consumer connects a moment after it answers: post until it sees one.
+            sent.append(f"flower_{port}_{len(sent)}")
+            assert stack.post_form({"sessionId": sent[-1], "status": "busy"})[0] == 200
+            status, body = fetch(base + "/api/tasks?limit=1000", "ops:flower-test-password")
+            tasks = json.loads(body).values() if status == 200 else []
+            return any(task.get("name") == "voice.apply_webhook_event" for task in tasks)
+
+        wait_for(task_seen, timeout=30, interval=0.5)
+    finally:
+        flower.terminate()
+        flower.wait(timeout=10)
+
+
+def test_flower_refuses_to_start_without_credentials(stack: Stack) -> None:
+    env = {k: v for k, v in stack.env().items() if k != "FLOWER_BASIC_AUTH"}
+    done = subprocess.run(["bash", "-c", procfile_command("flower")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode != 0
+    assert "FLOWER_BASIC_AUTH" in done.stderr
