@@ -7,6 +7,8 @@ is decided where it is used.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import ipaddress
 import os
@@ -64,6 +66,18 @@ def _api_key_digests(raw: str | None) -> tuple[bytes, ...]:
     return tuple(digests)
 
 
+def _standard_webhook_keys(secrets: tuple[str, ...]) -> tuple[bytes, ...]:
+    """The keys of ``whsec_<base64>`` secrets (the Standard Webhooks form)."""
+    keys = []
+    for secret in secrets:
+        if secret.startswith("whsec_"):
+            try:
+                keys.append(base64.b64decode(secret.removeprefix("whsec_"), validate=True))
+            except (binascii.Error, ValueError):
+                raise ConfigError("WEBHOOK_SECRETS has a whsec_ entry that is not valid base64") from None
+    return tuple(keys)
+
+
 def _networks(raw: str | None) -> tuple[IPNetwork, ...]:
     networks = []
     for entry in _split(raw):
@@ -107,6 +121,15 @@ class Settings:
         return self.celery_broker_url or self.redis_url
 
     @property
+    def hmac_secrets(self) -> tuple[str, ...]:
+        """Secrets for the hex HMAC header (every entry that is not in whsec_ form)."""
+        return tuple(secret for secret in self.webhook_secrets if not secret.startswith("whsec_"))
+
+    @property
+    def standard_webhook_keys(self) -> tuple[bytes, ...]:
+        return _standard_webhook_keys(self.webhook_secrets)
+
+    @property
     def webhook_auth_configured(self) -> bool:
         return bool(self.webhook_secrets or self.webhook_tokens)
 
@@ -144,6 +167,7 @@ class Settings:
 
     def check(self) -> None:
         """Refuse settings that would run the service open where it must be closed."""
+        _standard_webhook_keys(self.webhook_secrets)
         if self.webhook_auth not in {"", "none"}:
             raise ConfigError(f"WEBHOOK_AUTH may only be 'none' (or unset), got {self.webhook_auth!r}")
         if self.app_env == "production" and not self.webhook_auth_configured and self.webhook_auth != "none":

@@ -19,7 +19,7 @@ from app.celery_app import celery_config, celery_init_app
 from app.errors import register_errorhandlers
 from app.extensions import db, migrate
 from app.logs import configure_logging
-from config import INSTANCE_DIR, Settings
+from config import INSTANCE_DIR, ConfigError, Settings
 
 MIGRATIONS_DIR = str(Path(__file__).resolve().parent.parent / "migrations")
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -27,7 +27,11 @@ REQUEST_ID_HEADER = "X-Request-ID"
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app from settings (read from the environment when none are given)."""
-    settings = settings or Settings.from_env()
+    if settings is None:
+        try:
+            settings = Settings.from_env()
+        except ConfigError as exc:
+            raise SystemExit(f"voice webhook service cannot start: {exc}") from None
     configure_logging(settings.log_level, settings.log_format)
     app = Flask(__name__, instance_path=str(INSTANCE_DIR), static_folder=None)
     app.config.from_mapping(

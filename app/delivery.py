@@ -67,7 +67,7 @@ class Envelope:
 
     @property
     def key(self) -> str:
-        return self.event.fingerprint
+        return self.event.key
 
     def to_json(self) -> str:
         return json.dumps({"message": self.message, "received_at": self.received_at, "request_id": self.request_id})
@@ -188,7 +188,7 @@ def enqueue(event: Event, received_at: datetime, request_id: str | None) -> None
     """
     envelope = Envelope(event.to_message(), received_at.isoformat(), request_id)
     try:
-        add_pending(redis_client(), event.fingerprint, envelope, time.time() + settings().pending_redelivery_seconds)
+        add_pending(redis_client(), event.key, envelope, time.time() + settings().pending_redelivery_seconds)
         send(envelope, WEBHOOK_QUEUE)
     except QUEUE_ERRORS as exc:
         log.warning("enqueue_failed", error_type=type(exc).__name__)
@@ -212,7 +212,7 @@ def deliver(envelope: Envelope, owner: str) -> str:
     Raises ClaimBusy, or the database's or Redis's own error, for the task to retry.
     """
     event = envelope.event
-    key = event.fingerprint
+    key = event.key
     received_at = parse_rfc3339(envelope.received_at)
     state = claim(key, owner)
     if state == "busy":
@@ -310,7 +310,7 @@ def replay(letter_ids: list[int] | None, queue: str) -> list[int]:
     replayed = []
     for letter in db.session.scalars(query):
         envelope = Envelope(letter.message["message"], letter.message["received_at"], letter.message.get("request_id"))
-        add_pending(redis_client(), letter.fingerprint, envelope, time.time() + settings().pending_redelivery_seconds)
+        add_pending(redis_client(), envelope.key, envelope, time.time() + settings().pending_redelivery_seconds)
         send(envelope, queue)
         letter.replayed_at = utcnow()
         db.session.commit()

@@ -37,6 +37,19 @@ class PayloadTooLarge(WebhookError):
     status_code = 413
     reason = "too_large"
 
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}  # the rest of the body is not read, so the connection ends
+
+
+class BodyTimeout(WebhookError):
+    """The client stopped sending its body; the connection is closed, not kept for it."""
+
+    status_code = 408
+    reason = "body_timeout"
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
 
 class Forbidden(WebhookError):
     status_code = 403

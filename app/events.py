@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 from app.errors import InvalidPayload, UnsupportedMediaType
 
@@ -24,11 +24,23 @@ MAX_FIELD_NAME = 64
 MAX_VALUE_LENGTH = 2048
 MAX_URL_LENGTH = 2048
 
-_SESSION_ID = re.compile(r"[\x21-\x7e]{1,128}")
-_PHONE = re.compile(r"\+[0-9]{8,15}")
+# Patterns the OpenAPI document publishes as they are.
+SESSION_ID_PATTERN = r"[\x21-\x7e]{1,128}"
+PHONE_PATTERN = r"\+[0-9]{8,15}"
+FIELD_NAME_PATTERN = rf"[A-Za-z0-9_.\-\[\]]{{1,{MAX_FIELD_NAME}}}"
+_PORT = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+# An absolute http(s) URL: an ASCII host name or address, an optional port, then no whitespace
+# or control character.
+URL_PATTERN = rf"https?://[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?(?::{_PORT})?(?:[/?#][^\x00-\x20\x7f]*)?"
+TEXT_PATTERN = r"[^\x00-\x1f\x7f]*"  # any text without control characters
+
+_SESSION_ID = re.compile(SESSION_ID_PATTERN)
+_PHONE = re.compile(PHONE_PATTERN)
+_URL = re.compile(URL_PATTERN)
 _DIGITS = re.compile(r"[0-9]{1,7}")
-_FIELD_NAME = re.compile(rf"[A-Za-z0-9_.\-\[\]]{{1,{MAX_FIELD_NAME}}}")
+_FIELD_NAME = re.compile(FIELD_NAME_PATTERN)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # JSON can spell them; no UTF-8 text holds one
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,16 @@ class Event:
     recording_url: str | None = None
     duration: int | None = None
     payload: dict[str, Any] = field(default_factory=dict)
+    # The sender's own id for the message (Standard Webhooks' webhook-id), when it gave one: the
+    # key deliveries are deduplicated by in Redis. The database still compares content.
+    idempotency_key: str | None = None
+
+    @property
+    def key(self) -> str:
+        """What identifies this event in Redis: the sender's id, else the content fingerprint."""
+        if self.idempotency_key:
+            return hashlib.sha256(f"webhook-id:{self.idempotency_key}".encode()).hexdigest()
+        return self.fingerprint
 
     @property
     def fingerprint(self) -> str:
@@ -65,6 +87,7 @@ class Event:
             "recording_url": self.recording_url,
             "duration": self.duration,
             "payload": self.payload,
+            "idempotency_key": self.idempotency_key,
         }
 
     @classmethod
@@ -76,6 +99,7 @@ class Event:
             recording_url=message.get("recording_url"),
             duration=message.get("duration"),
             payload=dict(message.get("payload") or {}),
+            idempotency_key=message.get("idempotency_key"),
         )
 
 
@@ -168,6 +192,8 @@ def _check_field(name: str, value: Any) -> None:
         raise InvalidPayload(f"{name} must be at most {MAX_VALUE_LENGTH} characters")
     if _CONTROL.search(value):
         raise InvalidPayload(f"{name} must not contain control characters")
+    if _SURROGATE.search(value):
+        raise InvalidPayload(f"{name} must be valid Unicode text")
 
 
 def _optional_string(name: str, value: Any) -> str | None:
@@ -205,16 +231,10 @@ def _recording_url(value: Any) -> str | None:
     url = _optional_string("recordingUrl", value)
     if url is None:
         return None
-    message = f"recordingUrl must be an absolute http or https URL of at most {MAX_URL_LENGTH} characters"
-    if len(url) > MAX_URL_LENGTH or any(ch.isspace() for ch in url):
-        raise InvalidPayload(message)
-    try:
-        parts = urlsplit(url)
-        port_ok = parts.port is None or parts.port > 0
-    except ValueError:
-        raise InvalidPayload(message) from None
-    if parts.scheme not in {"http", "https"} or not parts.hostname or not port_ok:
-        raise InvalidPayload(message)
+    if len(url) > MAX_URL_LENGTH or not _URL.fullmatch(url):
+        raise InvalidPayload(
+            f"recordingUrl must be an absolute http or https URL of at most {MAX_URL_LENGTH} characters"
+        )
     return url
 
 
@@ -227,6 +247,8 @@ def _duration(value: Any) -> int | None:
     if isinstance(value, str):
         if not _DIGITS.fullmatch(value):
             raise InvalidPayload(message)
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():  # 420.0 is an integer, as JSON Schema has it
         value = int(value)
     if not isinstance(value, int) or not 0 <= value <= MAX_DURATION:
         raise InvalidPayload(message)

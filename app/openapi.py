@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.events import MAX_DURATION, STATUSES
+from app.events import (
+    FIELD_NAME_PATTERN,
+    MAX_DURATION,
+    MAX_FIELDS,
+    MAX_URL_LENGTH,
+    MAX_VALUE_LENGTH,
+    PHONE_PATTERN,
+    SESSION_ID_PATTERN,
+    STATUSES,
+    TEXT_PATTERN,
+    URL_PATTERN,
+)
 
 _TIME = {"type": "string", "format": "date-time"}
 _NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
@@ -21,17 +32,31 @@ def _json(schema: dict[str, Any], description: str, headers: dict[str, Any] | No
     return response
 
 
+def _anchored(pattern: str) -> str:
+    return f"^(?:{pattern})$"
+
+
 _WEBHOOK_FIELDS = {
     "type": "object",
     "required": ["sessionId", "status"],
+    "maxProperties": MAX_FIELDS,
+    "propertyNames": {"pattern": _anchored(FIELD_NAME_PATTERN)},
     "properties": {
-        "sessionId": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[\\x21-\\x7e]+$"},
-        "phoneNumber": {"type": "string", "pattern": "^\\+[0-9]{8,15}$"},
-        "recordingUrl": {"type": "string", "maxLength": 2048, "description": "http(s) URL; empty means none"},
+        "sessionId": {"type": "string", "pattern": _anchored(SESSION_ID_PATTERN)},
+        "phoneNumber": {"type": "string", "pattern": _anchored(f"(?:{PHONE_PATTERN})?"),
+                        "description": "E.164; empty means none"},
+        "recordingUrl": {"type": "string", "maxLength": MAX_URL_LENGTH, "pattern": _anchored(f"(?:{URL_PATTERN})?"),
+                         "description": "absolute http(s) URL; empty means no recording"},
         "duration": {"type": "integer", "minimum": 0, "maximum": MAX_DURATION},
         "status": {"type": "string", "enum": list(STATUSES)},
     },
-    "additionalProperties": {"type": ["string", "number", "boolean", "null"]},
+    "additionalProperties": {
+        "anyOf": [
+            {"type": "string", "maxLength": MAX_VALUE_LENGTH, "pattern": _anchored(TEXT_PATTERN)},
+            {"type": ["number", "boolean", "null"]},
+        ],
+        "description": "any other field is kept with the event as received",
+    },
 }
 
 _SCHEMAS: dict[str, Any] = {
@@ -152,6 +177,7 @@ _PATHS: dict[str, Any] = {
                 "400": _json(_WEBHOOK_ERROR, "Payload invalid; the error names the field"),
                 "401": _json(_WEBHOOK_ERROR, "Webhook authentication failed"),
                 "403": _json(_WEBHOOK_ERROR, "Client address not allowed"),
+                "408": _json(_WEBHOOK_ERROR, "The body stalled (not received within 10 s)"),
                 "413": _json(_WEBHOOK_ERROR, "Body larger than MAX_CONTENT_LENGTH"),
                 "415": _json(_WEBHOOK_ERROR, "Content type is neither form nor JSON"),
                 "503": _json(_WEBHOOK_ERROR, "The queue did not take the task; retry", _RETRY_AFTER),

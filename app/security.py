@@ -5,9 +5,11 @@ Every secret comparison is constant-time, and every refusal is the same answer w
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import ipaddress
+import time
 
 from flask import Request
 
@@ -29,16 +31,25 @@ def check_client_address(settings: Settings, request: Request) -> None:
         raise Forbidden("client address not allowed")
 
 
-def check_webhook_auth(settings: Settings, request: Request, body: bytes) -> None:
-    """401 unless the request carries a valid token or signature (when any is configured)."""
+def check_webhook_auth(settings: Settings, request: Request, body: bytes, now: float | None = None) -> str | None:
+    """401 unless the request carries a valid token or signature (when any is configured).
+
+    Returns the Standard Webhooks ``webhook-id`` when that scheme authenticated the request: the
+    event's idempotency key.
+    """
     if not settings.webhook_auth_configured:
-        return
+        return None
     if settings.webhook_tokens and _token_ok(settings.webhook_tokens, request.args.get("token", "")):
-        return
-    if settings.webhook_secrets and _signature_ok(
-        settings.webhook_secrets, request.headers.get(settings.webhook_signature_header, ""), body
+        return None
+    if settings.hmac_secrets and _signature_ok(
+        settings.hmac_secrets, request.headers.get(settings.webhook_signature_header, ""), body
     ):
-        return
+        return None
+    keys = settings.standard_webhook_keys
+    if keys and "webhook-signature" in request.headers:
+        webhook_id = _standard_webhook_id(keys, request, body, time.time() if now is None else now)
+        if webhook_id is not None:
+            return webhook_id
     raise Unauthenticated("webhook authentication failed")
 
 
@@ -54,6 +65,25 @@ def _signature_ok(secrets: tuple[str, ...], header: str, body: bytes) -> bool:
     expected = [hmac.new(secret.encode(), body, hashlib.sha256).hexdigest().encode() for secret in secrets]
     matches = [hmac.compare_digest(given, digest) for digest in expected]
     return bool(given) and any(matches)
+
+
+STANDARD_WEBHOOK_TOLERANCE_SECONDS = 300
+
+
+def _standard_webhook_id(keys: tuple[bytes, ...], request: Request, body: bytes, now: float) -> str | None:
+    """Standard Webhooks: ``v1,<base64 HMAC-SHA256>`` over ``id.timestamp.body``, within 5 minutes."""
+    webhook_id = request.headers.get("webhook-id", "")
+    timestamp = request.headers.get("webhook-timestamp", "")
+    if not webhook_id or len(webhook_id) > 256 or not timestamp.isdigit():
+        return None
+    if abs(now - int(timestamp)) > STANDARD_WEBHOOK_TOLERANCE_SECONDS:
+        return None  # too old (a replay) or too far ahead
+    signed = f"{webhook_id}.{timestamp}.".encode() + body
+    expected = [base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()) for key in keys]
+    given = [part.partition(",")[2].encode() for part in request.headers["webhook-signature"].split()
+             if part.startswith("v1,")]
+    matches = [hmac.compare_digest(g, e) for g in given for e in expected]
+    return webhook_id if any(matches) else None
 
 
 def check_bearer(settings: Settings, request: Request) -> None:

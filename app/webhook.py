@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import structlog
 from flask import Blueprint, Response, current_app, g, jsonify, request
+from werkzeug.exceptions import ClientDisconnected
 
 from app import metrics
 from app.delivery import enqueue
-from app.errors import PayloadTooLarge
+from app.errors import BodyTimeout, PayloadTooLarge
 from app.events import decode_body, parse_event
 from app.logs import mask_phone
 from app.security import check_client_address, check_webhook_auth
@@ -26,28 +28,42 @@ def receive() -> Response:
     settings = current_app.extensions["settings"]
     body = _read_body(settings.max_content_length)
     check_client_address(settings, request)
-    check_webhook_auth(settings, request, body)
-    event = parse_event(decode_body(request.mimetype, body))
+    webhook_id = check_webhook_auth(settings, request, body)
+    event = replace(parse_event(decode_body(request.mimetype, body)), idempotency_key=webhook_id)
     g.session_id, g.phone_number = event.session_id, event.phone_number
     enqueue(event, received_at, g.request_id)
     return jsonify(status="webhook_processed", session_id=event.session_id)
 
 
+# A 64 KiB body arrives in well under a second; a client that stalls longer holds a server
+# thread for nothing (gunicorn has no body-read timeout of its own).
+BODY_READ_TIMEOUT_SECONDS = 10.0
+
+
 def _read_body(limit: int) -> bytes:
-    """The raw body, refused past ``limit`` whether or not the client declared its length."""
+    """The raw body, refused past ``limit`` or when it stalls, with or without a declared length."""
     too_large = PayloadTooLarge(f"body is larger than {limit} bytes")
-    if request.content_length is not None:
-        if request.content_length > limit:
-            raise too_large
-        return request.get_data(cache=True)
-    if not request.environ.get("wsgi.input_terminated"):
-        return b""  # no length and no end marker: nothing can be read safely
-    # A chunked body: read the server's de-chunked input directly, one byte past the limit,
-    # since werkzeug's own cap stops at the limit without telling whether more was sent.
-    body = request.environ["wsgi.input"].read(limit + 1)
-    if len(body) > limit:
+    if request.content_length is not None and request.content_length > limit:
         raise too_large
-    return body
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None:
+        sock.settimeout(BODY_READ_TIMEOUT_SECONDS)
+    try:
+        if request.content_length is not None:
+            return request.get_data(cache=True)
+        if not request.environ.get("wsgi.input_terminated"):
+            return b""  # no length and no end marker: nothing can be read safely
+        # A chunked body: read the server's de-chunked input directly, one byte past the limit,
+        # since werkzeug's own cap stops at the limit without telling whether more was sent.
+        body = request.environ["wsgi.input"].read(limit + 1)
+        if len(body) > limit:
+            raise too_large
+        return body
+    except (TimeoutError, ClientDisconnected):
+        raise BodyTimeout(f"body not received within {BODY_READ_TIMEOUT_SECONDS:g} seconds") from None
+    finally:
+        if sock is not None:
+            sock.settimeout(None)
 
 
 @bp.after_request
@@ -74,6 +90,7 @@ def _record(response: Response) -> Response:
 def _reason(response: Response) -> str:
     return {
         400: "invalid",
+        408: "body_timeout",
         401: "unauthenticated",
         403: "forbidden",
         405: "method_not_allowed",

@@ -13,5 +13,9 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 echo "== ruff"
 .venv/bin/ruff check .
+echo "== bandit (high severity fails)"
+.venv/bin/bandit -q -r app worker config.py wsgi.py gunicorn.conf.py scripts --severity-level high
+echo "== pip-audit (pinned requirements; exceptions in .ci/audit-exceptions.txt)"
+.venv/bin/python scripts/audit.py
 echo "== pytest"
 exec .venv/bin/python -m pytest "$@"

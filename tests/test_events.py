@@ -86,12 +86,14 @@ def test_empty_recording_url_means_no_recording() -> None:
         ({"sessionId": "S", "status": "busy", "duration": "604801"}, "duration must be an integer"),
         ({"sessionId": "S", "status": "busy", "duration": "4.5"}, "duration must be an integer"),
         ({"sessionId": "S", "status": "busy", "duration": 4.5}, "duration must be an integer"),
+        ({"sessionId": "S", "status": "busy", "duration": 1e9}, "duration must be an integer"),
         ({"sessionId": "S", "status": "busy", "duration": True}, "duration must be an integer"),
         ({"sessionId": "S", "status": "busy", "duration": "1e3"}, "duration must be an integer"),
         ({"sessionId": "S", "status": "busy", "note": {"a": 1}}, "note must be a string or a number"),
         ({"sessionId": "S", "status": "busy", "note": [1]}, "note must be a string or a number"),
         ({"sessionId": "S", "status": "busy", "note": "a\x00b"}, "note must not contain control characters"),
         ({"sessionId": "S", "status": "busy", "bad name": "x"}, "field names must be"),
+        ({"sessionId": "S", "status": "busy", "note": "\ud800"}, "note must be valid Unicode text"),
     ],
 )
 def test_invalid_fields_are_refused_naming_the_field(fields: dict, message: str) -> None:
@@ -109,7 +111,7 @@ def test_error_carries_the_session_id_once_it_was_readable() -> None:
     assert caught.value.session_id is None
 
 
-@pytest.mark.parametrize("duration", [0, 604800, "0", "604800", 420])
+@pytest.mark.parametrize("duration", [0, 604800, "0", "604800", 420, 420.0])
 def test_duration_bounds_are_inclusive(duration: object) -> None:
     assert parse_event({"sessionId": "S", "status": "busy", "duration": duration}).duration == int(duration)
 

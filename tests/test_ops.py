@@ -74,7 +74,7 @@ def test_openapi_documents_every_route(app: Flask, client: FlaskClient) -> None:
 def test_openapi_error_bodies_are_documented(client: FlaskClient) -> None:
     document = client.get("/openapi.json").get_json()
     webhook = document["paths"]["/api/v1/voice/webhook"]["post"]["responses"]
-    assert set(webhook) == {"200", "400", "401", "403", "413", "415", "503"}
+    assert set(webhook) == {"200", "400", "401", "403", "408", "413", "415", "503"}
     assert "Retry-After" in webhook["503"]["headers"]
     recording = document["paths"]["/api/v1/voice/recordings/{recording_id}"]["get"]["responses"]
     assert set(recording) == {"200", "401", "404"}
