@@ -15,10 +15,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.etree import ElementTree
 
 INSTANCE_DIR = Path(__file__).resolve().parent / "instance"
 DEFAULT_DATABASE_URL = f"sqlite:///{INSTANCE_DIR / 'voice.db'}"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+# What a live call's request (isActive=1) is answered with: AT's call-control document.
+DEFAULT_ACTIVE_CALL_XML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -78,6 +82,16 @@ def _standard_webhook_keys(secrets: tuple[str, ...]) -> tuple[bytes, ...]:
     return tuple(keys)
 
 
+def _check_call_xml(document: str) -> None:
+    """The operator's own call-control XML must be well formed, with a <Response> root."""
+    try:
+        root = ElementTree.fromstring(document)  # noqa: S314 - the operator's setting, not client input
+    except ElementTree.ParseError as exc:
+        raise ConfigError(f"VOICE_ACTIVE_CALL_XML is not well-formed XML: {exc}") from None
+    if root.tag != "Response":
+        raise ConfigError(f"VOICE_ACTIVE_CALL_XML must have a <Response> root, not <{root.tag}>")
+
+
 def _networks(raw: str | None) -> tuple[IPNetwork, ...]:
     networks = []
     for entry in _split(raw):
@@ -107,6 +121,7 @@ class Settings:
     max_content_length: int = 65536
     dedup_ttl_seconds: int = 86400
     pending_redelivery_seconds: int = 60
+    voice_active_call_xml: str = DEFAULT_ACTIVE_CALL_XML
     event_max_retries: int = 14
     worker_metrics_port: int = 9808
     log_level: str = "INFO"
@@ -156,6 +171,7 @@ class Settings:
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", 65536, 1024, 10 * 1024 * 1024),
             dedup_ttl_seconds=_int(env, "DEDUP_TTL_SECONDS", 86400, 60, 90 * 86400),
             pending_redelivery_seconds=_int(env, "PENDING_REDELIVERY_SECONDS", 60, 5, 86400),
+            voice_active_call_xml=env.get("VOICE_ACTIVE_CALL_XML", "").strip() or DEFAULT_ACTIVE_CALL_XML,
             event_max_retries=_int(env, "EVENT_MAX_RETRIES", 14, 0, 100),
             worker_metrics_port=_int(env, "WORKER_METRICS_PORT", 9808, 0, 65535),
             log_level=log_level,
@@ -168,6 +184,7 @@ class Settings:
     def check(self) -> None:
         """Refuse settings that would run the service open where it must be closed."""
         _standard_webhook_keys(self.webhook_secrets)
+        _check_call_xml(self.voice_active_call_xml)
         if self.webhook_auth not in {"", "none"}:
             raise ConfigError(f"WEBHOOK_AUTH may only be 'none' (or unset), got {self.webhook_auth!r}")
         if self.app_env == "production" and not self.webhook_auth_configured and self.webhook_auth != "none":

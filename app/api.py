@@ -11,6 +11,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import selectinload
 
+from app.africastalking import IN_PROGRESS
 from app.errors import BadRequest, NotFound
 from app.events import STATUSES
 from app.extensions import db
@@ -20,6 +21,7 @@ from app.timeutil import parse_rfc3339, to_rfc3339
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1/voice")
 
+RECORDING_STATUSES = (*STATUSES, IN_PROGRESS)
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 
@@ -60,8 +62,8 @@ def recordings() -> Response:
     limit = _limit(args.get("limit"))
     query = select(VoiceRecording).options(selectinload(VoiceRecording.participants))
     if "status" in args:
-        if args["status"] not in STATUSES:
-            raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
+        if args["status"] not in RECORDING_STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(RECORDING_STATUSES)}")
         query = query.where(VoiceRecording.status == args["status"])
     if "since" in args:
         try:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import click
+from flask import current_app
 from sqlalchemy import select
 
 from app.delivery import drain_redis_dead_letters, pending_count, replay, sweep_pending
 from app.extensions import db
 from app.models import DeadLetter
 from app.queues import REPLAY_QUEUE
+from app.simulator import simulate
 from app.timeutil import to_rfc3339
 
 
@@ -60,6 +62,33 @@ def replay_command(letter_ids: tuple[int, ...], replay_all: bool) -> None:
     missing = sorted(set(letter_ids) - set(replayed))
     click.echo(f"replayed {len(replayed)} dead letter(s)" + (f"; not found: {missing}" if missing else ""))
     if missing:
+        raise SystemExit(1)
+
+
+@voice.command("simulate")
+@click.option("--url", required=True, help="The webhook URL, e.g. http://127.0.0.1:8000/api/v1/voice/webhook")
+@click.option("--calls", default=10, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--participants", default=2, show_default=True, type=click.IntRange(1, 20))
+@click.option("--duplicates", default=0.2, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of final requests AT delivers twice.")
+@click.option("--secret", default=None, help="Sign each body (hex HMAC-SHA256) with this secret.")
+@click.option("--token", default=None, help="Send this token as ?token= (AT's own way).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1, 256))
+@click.option("--expected", "show_expected", is_flag=True, help="Also print what each recording should become.")
+def simulate_command(url: str, calls: int, participants: int, duplicates: float, secret: str | None,
+                     token: str | None, seed: int, concurrency: int, show_expected: bool) -> None:
+    """Play realistic Africa's Talking call sequences against a deployment."""
+    if secret and token:
+        raise click.UsageError("give --secret or --token, not both")
+    report = simulate(url, calls, participants, duplicates, secret=secret, token=token, seed=seed,
+                      concurrency=concurrency,
+                      signature_header=current_app.extensions["settings"].webhook_signature_header)
+    summary = report.summary()
+    if show_expected:
+        summary["expected"] = report.expected
+    click.echo(json.dumps(summary))
+    if report.failed_requests:
         raise SystemExit(1)
 
 

@@ -16,6 +16,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, selectinload
 
+from app.africastalking import IN_PROGRESS
 from app.events import Event
 from app.models import Participant, VoiceRecording, WebhookEvent
 from app.timeutil import order_key, utcnow
@@ -44,7 +45,9 @@ def merge(recording: VoiceRecording, event: Event, received_at: datetime, key: s
     if received_at < recording.created_at:
         recording.created_at = received_at
     # completed is final; otherwise the latest event by arrival decides.
-    if recording.status != COMPLETED and (event.status == COMPLETED or key > recording.status_key):
+    if recording.status != COMPLETED and (
+        event.status == COMPLETED or _replaces(recording.status, recording.status_key, event.status, key)
+    ):
         recording.status, recording.status_key = event.status, key
     if event.duration is not None and (recording.duration is None or event.duration > recording.duration):
         recording.duration = event.duration
@@ -75,7 +78,7 @@ def _merge_participant(recording: VoiceRecording, event: Event, key: str, now: d
         )
         return
     before = (participant.status, participant.duration)
-    if key > participant.status_key:
+    if _replaces(participant.status, participant.status_key, event.status, key):
         participant.status, participant.status_key = event.status, key
     if event.duration is not None and (participant.duration_key is None or key > participant.duration_key):
         participant.duration, participant.duration_key = event.duration, key
@@ -114,6 +117,16 @@ def rebuild(recording: VoiceRecording, events: list[tuple[Event, datetime]], now
     if changed:
         recording.processed_at = now
     return changed
+
+
+def _replaces(current: str, current_key: str, status: str, key: str) -> bool:
+    """Whether an event's status takes the place of the current one: a later event does, but a
+    live call's in-progress never takes the place of a terminal status, whatever the order."""
+    if not current:
+        return True
+    if status == IN_PROGRESS:
+        return current == IN_PROGRESS and key > current_key
+    return current == IN_PROGRESS or key > current_key
 
 
 def apply_event(

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
+from app import africastalking
 from app.errors import InvalidPayload, UnsupportedMediaType
 
 FORM = "application/x-www-form-urlencoded"
@@ -56,6 +57,8 @@ class Event:
     # The sender's own id for the message (Standard Webhooks' webhook-id), when it gave one: the
     # key deliveries are deduplicated by in Redis. The database still compares content.
     idempotency_key: str | None = None
+    # AT values the mapping tables did not know: (field, value). Kept raw in ``payload`` anyway.
+    unknown_values: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     @property
     def key(self) -> str:
@@ -168,6 +171,8 @@ def parse_event(fields: dict[str, Any]) -> Event:
 
     session_id = _session_id(fields.get("sessionId"))
     try:
+        if africastalking.is_at_payload(fields):
+            return _parse_at(session_id, fields)
         return Event(
             session_id=session_id,
             status=_status(fields.get("status")),
@@ -179,6 +184,39 @@ def parse_event(fields: dict[str, Any]) -> Event:
     except InvalidPayload as error:
         error.session_id = session_id
         raise
+
+
+def _parse_at(session_id: str, fields: dict[str, Any]) -> Event:
+    """A callback in AT's own names and values (see app.africastalking for the tables)."""
+    live = _is_active(fields.get("isActive"))
+    status, unknown = africastalking.map_status(fields, live)
+    if fields.get("phoneNumber"):
+        phone = _phone(fields["phoneNumber"])
+    else:
+        source, unknown_direction = africastalking.participant_field(fields)
+        unknown += unknown_direction
+        phone = _phone(fields[source], source) if source else None
+    if fields.get("duration") not in (None, ""):
+        duration = _duration(fields["duration"])
+    else:
+        duration = _duration(fields.get("durationInSeconds"), "durationInSeconds")
+    return Event(
+        session_id=session_id,
+        status=status,
+        phone_number=phone,
+        recording_url=_recording_url(fields.get("recordingUrl")),
+        duration=duration,
+        payload=dict(fields),
+        unknown_values=tuple(unknown),
+    )
+
+
+def _is_active(value: Any) -> bool:
+    if value in (None, "", "0", 0, False):
+        return False
+    if value in ("1", 1, True):
+        return True
+    raise InvalidPayload("isActive must be 0 or 1")
 
 
 def _check_field(name: str, value: Any) -> None:
@@ -220,10 +258,10 @@ def _status(value: Any) -> str:
     return value
 
 
-def _phone(value: Any) -> str | None:
-    phone = _optional_string("phoneNumber", value)
+def _phone(value: Any, name: str = "phoneNumber") -> str | None:
+    phone = _optional_string(name, value)
     if phone is not None and not _PHONE.fullmatch(phone):
-        raise InvalidPayload("phoneNumber must be in E.164 format: + and 8 to 15 digits")
+        raise InvalidPayload(f"{name} must be in E.164 format: + and 8 to 15 digits")
     return phone
 
 
@@ -238,10 +276,10 @@ def _recording_url(value: Any) -> str | None:
     return url
 
 
-def _duration(value: Any) -> int | None:
+def _duration(value: Any, name: str = "duration") -> int | None:
     if value is None or value == "":
         return None
-    message = f"duration must be an integer between 0 and {MAX_DURATION}"
+    message = f"{name} must be an integer between 0 and {MAX_DURATION}"
     if isinstance(value, bool):
         raise InvalidPayload(message)
     if isinstance(value, str):

@@ -46,6 +46,22 @@ def observe_webhook(outcome: str, reason: str, seconds: float) -> None:
     ACK_SECONDS.observe(seconds)
 
 
+UNKNOWN_AT_VALUES = Counter(
+    "voice_unknown_at_values_total", "Values in AT callbacks that the mapping tables do not know, by field.", ["field"]
+)
+_UNKNOWN_LOGGED: set[tuple[str, str]] = set()
+_UNKNOWN_LOG_LIMIT = 1000  # distinct values logged per process; a flood of new ones is only counted
+
+
+def note_unknown_at_values(values: tuple[tuple[str, str], ...]) -> None:
+    """Count every unknown AT value; log each distinct one once per process."""
+    for field, value in values:
+        UNKNOWN_AT_VALUES.labels(field=field).inc()
+        if (field, value) not in _UNKNOWN_LOGGED and len(_UNKNOWN_LOGGED) < _UNKNOWN_LOG_LIMIT:
+            _UNKNOWN_LOGGED.add((field, value))
+            log.warning("unknown_at_value", field=field, value=value[:100])
+
+
 def observe_event(outcome: str, lag_seconds: float | None = None) -> None:
     EVENTS.labels(outcome=outcome).inc()
     if lag_seconds is not None:

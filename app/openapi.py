@@ -36,9 +36,13 @@ def _anchored(pattern: str) -> str:
     return f"^(?:{pattern})$"
 
 
+_AT_TEXT = {"type": "string", "maxLength": MAX_VALUE_LENGTH, "pattern": _anchored(TEXT_PATTERN)}
 _WEBHOOK_FIELDS = {
     "type": "object",
-    "required": ["sessionId", "status"],
+    "description": "The seed page's fields, or Africa's Talking's own (isActive, direction, callerNumber, "
+                   "destinationNumber, durationInSeconds, callSessionState, hangupCause, ...): see "
+                   "app/africastalking.py for how they map. Every field is kept with the event.",
+    "anyOf": [{"required": ["sessionId", "status"]}, {"required": ["sessionId", "isActive"]}],
     "maxProperties": MAX_FIELDS,
     "propertyNames": {"pattern": _anchored(FIELD_NAME_PATTERN)},
     "properties": {
@@ -48,13 +52,18 @@ _WEBHOOK_FIELDS = {
         "recordingUrl": {"type": "string", "maxLength": MAX_URL_LENGTH, "pattern": _anchored(f"(?:{URL_PATTERN})?"),
                          "description": "absolute http(s) URL; empty means no recording"},
         "duration": {"type": "integer", "minimum": 0, "maximum": MAX_DURATION},
-        "status": {"type": "string", "enum": list(STATUSES)},
+        "status": {**_AT_TEXT, "description": f"one of {', '.join(STATUSES)}; or AT's own values (Completed, "
+                   "NotAnswered, ...) in a payload with AT's fields"},
+        "isActive": {"type": "string", "enum": ["0", "1"], "description": "1 while the call is live"},
+        "direction": {**_AT_TEXT, "description": "Inbound or Outbound"},
+        "callerNumber": {"type": "string", "pattern": _anchored(f"(?:{PHONE_PATTERN})?")},
+        "destinationNumber": {"type": "string", "pattern": _anchored(f"(?:{PHONE_PATTERN})?")},
+        "durationInSeconds": {"type": "integer", "minimum": 0, "maximum": MAX_DURATION},
+        "callSessionState": _AT_TEXT,
+        "hangupCause": _AT_TEXT,
     },
     "additionalProperties": {
-        "anyOf": [
-            {"type": "string", "maxLength": MAX_VALUE_LENGTH, "pattern": _anchored(TEXT_PATTERN)},
-            {"type": ["number", "boolean", "null"]},
-        ],
+        "anyOf": [_AT_TEXT, {"type": ["number", "boolean", "null"]}],
         "description": "any other field is kept with the event as received",
     },
 }
@@ -173,7 +182,14 @@ _PATHS: dict[str, Any] = {
                 },
             },
             "responses": {
-                "200": _json(_ref("WebhookAccepted"), "Queued; the broker holds the task"),
+                "200": {
+                    "description": "Queued; the broker holds the task. A live call's request (isActive=1) "
+                                   "is answered with the call-control XML of VOICE_ACTIVE_CALL_XML.",
+                    "content": {
+                        "application/json": {"schema": _ref("WebhookAccepted")},
+                        "application/xml": {"schema": {"type": "string"}},
+                    },
+                },
                 "400": _json(_WEBHOOK_ERROR, "Payload invalid; the error names the field"),
                 "401": _json(_WEBHOOK_ERROR, "Webhook authentication failed"),
                 "403": _json(_WEBHOOK_ERROR, "Client address not allowed"),
@@ -190,7 +206,7 @@ _PATHS: dict[str, Any] = {
             "operationId": "listRecordings",
             "security": [{"bearer": []}],
             "parameters": [
-                {"name": "status", "in": "query", "schema": {"type": "string", "enum": list(STATUSES)}},
+                {"name": "status", "in": "query", "schema": {"type": "string", "enum": [*STATUSES, "in-progress"]}},
                 {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}},
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
                 {"name": "cursor", "in": "query", "schema": {"type": "string"}},

@@ -10,6 +10,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import ClientDisconnected
 
 from app import metrics
+from app.africastalking import IN_PROGRESS
 from app.delivery import enqueue
 from app.errors import BodyTimeout, PayloadTooLarge
 from app.events import decode_body, parse_event
@@ -32,6 +33,10 @@ def receive() -> Response:
     event = replace(parse_event(decode_body(request.mimetype, body)), idempotency_key=webhook_id)
     g.session_id, g.phone_number = event.session_id, event.phone_number
     enqueue(event, received_at, g.request_id)
+    if event.unknown_values:
+        metrics.note_unknown_at_values(event.unknown_values)
+    if event.status == IN_PROGRESS:  # a live call: AT wants its next instructions
+        return Response(settings.voice_active_call_xml, content_type="application/xml; charset=utf-8")
     return jsonify(status="webhook_processed", session_id=event.session_id)
 
 

@@ -10,22 +10,26 @@ from app.events import Event
 
 
 def arrival_order_state(deliveries: Iterable[tuple[Event, datetime]]) -> dict[str, Any]:
-    """The recording that distinct events give in arrival order (first copy of each counts)."""
+    """The recording that distinct events give in arrival order (first copy of each counts):
+    completed once any event says so; else the latest terminal status; else the latest
+    in-progress."""
     first: dict[str, tuple[Event, datetime]] = {}
     for event, received_at in deliveries:
         if event.fingerprint not in first or received_at < first[event.fingerprint][1]:
             first[event.fingerprint] = (event, received_at)
     events = sorted(first.values(), key=lambda item: (item[1], item[0].fingerprint))
+    terminal = [e for e, _ in events if e.status != "in-progress"]
     completed = [e for e, _ in events if e.status == "completed"]
     with_url = [e for e in completed if e.recording_url]
     durations = [e.duration for e, _ in events if e.duration is not None]
     participants = {}
     for phone in {e.phone_number for e, _ in events if e.phone_number}:
         mine = [e for e, _ in events if e.phone_number == phone]
+        mine_terminal = [e for e in mine if e.status != "in-progress"]  # in-progress never overrides
         timed = [e.duration for e in mine if e.duration is not None]
-        participants[phone] = (phone, mine[-1].status, timed[-1] if timed else None)
+        participants[phone] = (phone, (mine_terminal or mine)[-1].status, timed[-1] if timed else None)
     return {
-        "status": "completed" if completed else events[-1][0].status,
+        "status": "completed" if completed else (terminal or [e for e, _ in events])[-1].status,
         "duration": max(durations) if durations else None,
         "recording_url": with_url[-1].recording_url if with_url else None,
         "created_at": events[0][1],

@@ -93,6 +93,7 @@ def test_completed_no_answer_duplicate_in_every_order(order: tuple[int, ...]) ->
 
 
 MIXED = [
+    (ev("in-progress", P1), at(0)),  # a live request: never overrides a terminal status
     (ev("busy", P1, 0), at(1)),
     (ev("no-answer", P2, 0), at(2)),
     (ev("completed", P1, 300, URL1), at(3)),
@@ -108,9 +109,27 @@ def test_any_order_equals_arrival_order(order: tuple[int, ...]) -> None:
     assert state(apply_in_order(deliveries)) == arrival_order_state(deliveries)
 
 
+LIVE = [
+    (ev("in-progress", P1), at(1)),
+    (ev("no-answer", P2, 0), at(2)),
+    (ev("in-progress", P2), at(3)),  # later than P2's terminal status, and still never overrides it
+    (ev("in-progress", P1), at(4)),
+]
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(len(LIVE)))))
+def test_in_progress_never_overrides_a_terminal_status(order: tuple[int, ...]) -> None:
+    recording = apply_in_order([LIVE[i] for i in order])
+    assert recording.status == "no-answer"
+    assert sorted((p.phone_number, p.status) for p in recording.participants) == sorted(
+        [(P1, "in-progress"), (P2, "no-answer")])
+
+
 @pytest.mark.parametrize(
     ("deliveries", "status"),
     [
+        ([(ev("in-progress", P1), at(1))], "in-progress"),
+        ([(ev("in-progress", P1), at(5)), (ev("failed", P1), at(2))], "failed"),
         ([(ev("busy", P1), at(1)), (ev("failed", P1), at(2))], "failed"),
         ([(ev("failed", P1), at(2)), (ev("busy", P1), at(1))], "failed"),  # older event applied late
         ([(ev("completed", P1), at(1)), (ev("no-answer", P2), at(2))], "completed"),

@@ -10,6 +10,9 @@ import pytest
 from tests.e2e.stack import Stack
 from tests.support import pg_database, rabbitmq_vhost
 
+TOKEN = "tok-e2e-5ecr3t-value"
+SECRET = "hmac-e2e-5ecr3t-value"
+
 STACKS = [
     pytest.param(("sqlite", "redis"), id="sqlite-redis"),
     pytest.param(("postgresql", "redis"), id="postgresql-redis", marks=pytest.mark.postgres),
@@ -42,3 +45,14 @@ def _run(stack: Stack, request: pytest.FixtureRequest) -> Iterator[Stack]:
         if request.session.testsfailed:
             for name in ("web", "worker"):
                 print(f"----- {name} log (last 3000 chars) -----\n{stack.log(name)[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack that requires a webhook token or signature, on SQLite."""
+    workdir = Path(tmp_path_factory.mktemp("secured"))
+    stack = Stack(workdir, f"sqlite:///{workdir / 'voice.db'}", WEBHOOK_TOKENS=TOKEN, WEBHOOK_SECRETS=SECRET)
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()

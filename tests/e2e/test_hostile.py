@@ -9,8 +9,6 @@ import json
 import re
 import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -18,24 +16,12 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from tests.e2e.conftest import SECRET, TOKEN
 from tests.e2e.stack import API_KEY, Stack
 
 pytestmark = pytest.mark.e2e
 
-TOKEN = "tok-e2e-5ecr3t-value"
-SECRET = "hmac-e2e-5ecr3t-value"
 PHONE = "+254712345678"
-
-
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A stack that requires a webhook token or signature, on SQLite."""
-    workdir = Path(tmp_path_factory.mktemp("secured"))
-    stack = Stack(workdir, f"sqlite:///{workdir / 'voice.db'}", WEBHOOK_TOKENS=TOKEN, WEBHOOK_SECRETS=SECRET)
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
 
 
 def raw_exchange(stack: Stack, data: bytes, pause_after: int | None = None, pause: float = 0) -> bytes:
