@@ -198,8 +198,11 @@ def enqueue(event: Event, received_at: datetime, request_id: str | None) -> None
 def send(envelope: Envelope, queue: str) -> None:
     from app.tasks import apply_webhook_event
 
+    message = envelope.message
     apply_webhook_event.apply_async(
-        args=(envelope.message, envelope.received_at, envelope.request_id), queue=queue, retry=False
+        args=(message, envelope.received_at, envelope.request_id),
+        queue=queue,
+        retry=False,
     )
 
 
