@@ -26,6 +26,11 @@ def parse_rfc3339(text: str) -> datetime:
     return value.astimezone(UTC)
 
 
+def stamp(moment: datetime) -> str:
+    """UTC in one fixed width, so that two stamps compare as strings as the times do."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
 def order_key(received_at: datetime, fingerprint: str) -> str:
     """A string that sorts events by arrival, with the fingerprint breaking exact ties."""
-    return f"{received_at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%S.%f')}|{fingerprint}"
+    return f"{stamp(received_at)}|{fingerprint}"

@@ -83,7 +83,11 @@ def test_deliver_applies_once_and_clears_pending(app: Flask) -> None:
         assert client.ttl(DEDUP_PREFIX + env.key) > 86000
         assert not client.hexists(PENDING_DATA, env.key)
         assert client.zscore(PENDING_DUE, env.key) is None
-        assert deliver(env, owner="task-2") == DUPLICATE
+        enqueue(env.event, T0 + timedelta(seconds=5), "req-2")  # AT delivers it again, later
+        assert client.hexists(PENDING_DATA, env.key)
+        assert deliver(Envelope(env.message, (T0 + timedelta(seconds=5)).isoformat()), owner="task-2") == DUPLICATE
+        assert not client.hexists(PENDING_DATA, env.key)  # the duplicate's claim dropped it
+        assert client.zscore(PENDING_DUE, env.key) is None
         assert event_rows() == 1
 
 

@@ -24,23 +24,20 @@ pytestmark = pytest.mark.e2e
 PHONE = "+254712345678"
 
 
-def raw_exchange(stack: Stack, data: bytes, pause_after: int | None = None, pause: float = 0) -> bytes:
-    """Send bytes as they are (optionally stalling part-way) and read the whole answer."""
+def read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes (or resets) the connection."""
+    reply = b""
+    with contextlib.suppress(ConnectionResetError, TimeoutError):
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
+def raw_exchange(stack: Stack, data: bytes) -> bytes:
+    """Send bytes exactly as they are and read the whole answer."""
     with socket.create_connection(("127.0.0.1", stack.port), timeout=60) as sock:
-        if pause_after is None:
-            sock.sendall(data)
-        else:
-            sock.sendall(data[:pause_after])
-            time.sleep(pause)
-            with contextlib.suppress(OSError):  # the server may have given up on us first
-                sock.sendall(data[pause_after:])
-        reply = b""
-        try:
-            while chunk := sock.recv(65536):
-                reply += chunk
-        except (ConnectionResetError, TimeoutError):
-            pass
-        return reply
+        sock.sendall(data)
+        return read_all(sock)
 
 
 def request_bytes(body: bytes, content_type: str = "application/x-www-form-urlencoded", extra: str = "") -> bytes:
@@ -95,12 +92,7 @@ def test_a_slow_body_is_cut_off_and_others_are_still_served(secured: Stack) -> N
         for n in range(5):
             status, _ = secured.post_form(f"sessionId=FAST{n}&status=busy", path=f"/api/v1/voice/webhook?token={TOKEN}")
             assert status == 200
-        reply = b""
-        try:
-            while chunk := slow.recv(65536):
-                reply += chunk
-        except (ConnectionResetError, TimeoutError):
-            pass
+        reply = read_all(slow)
     waited = time.monotonic() - started
     assert waited < 20  # the server does not wait on a stalled body for ever
     assert status_of(reply) == 408, reply[:200]
