@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import click
 import redis
 from flask import Flask, Response, g, request
 from redis.backoff import NoBackoff
@@ -17,7 +18,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.celery_app import celery_config, celery_init_app
 from app.errors import register_errorhandlers
-from app.extensions import db, migrate
+from app.extensions import db
 from app.logs import configure_logging
 from config import INSTANCE_DIR, ConfigError, Settings
 
@@ -71,7 +72,7 @@ def engine_options(database_url: str) -> dict[str, Any]:
 def register_extensions(app: Flask, settings: Settings) -> None:
     """Database, migrations, Redis and Celery."""
     db.init_app(app)
-    migrate.init_app(app, db, directory=MIGRATIONS_DIR, render_as_batch=True)
+    app.extensions["migrate"] = _LazyMigrate(app)
     with app.app_context():
         if db.engine.dialect.name == "sqlite":
             _serialize_sqlite_writes(db.engine)
@@ -84,6 +85,20 @@ def register_extensions(app: Flask, settings: Settings) -> None:
         health_check_interval=30,
     )
     celery_init_app(app)
+
+
+class _LazyMigrate:
+    """Flask-Migrate, set up on first use: Alembic costs every web and worker process about
+    11 MB, and only the ``flask db`` commands (and the tests' migrations) need it."""
+
+    def __init__(self, app: Flask) -> None:
+        self._app = app
+
+    def __getattr__(self, name: str) -> Any:
+        from flask_migrate import Migrate
+
+        Migrate(self._app, db, directory=MIGRATIONS_DIR, render_as_batch=True)  # replaces this proxy
+        return getattr(self._app.extensions["migrate"], name)
 
 
 def _serialize_sqlite_writes(engine: Engine) -> None:
@@ -116,10 +131,24 @@ def register_blueprints(app: Flask) -> None:
 
 
 def register_commands(app: Flask) -> None:
-    """``flask voice ...``: dead letters, replay, sweep."""
+    """``flask voice ...`` (dead letters, replay, sweep, simulate) and ``flask db ...`` (migrations)."""
     from app.cli import voice
 
     app.cli.add_command(voice)
+    app.cli.add_command(_LazyDbGroup("db", help="Database migrations (Flask-Migrate, Alembic)."))
+
+
+class _LazyDbGroup(click.Group):
+    """Flask-Migrate's ``db`` commands, imported only when one is run."""
+
+    def _real(self) -> click.Group:
+        from flask_migrate.cli import db as real
+
+        return real
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        return self._real().make_context(info_name, args, parent=parent, **extra)  # its options, its callback
 
 
 def register_request_hooks(app: Flask, settings: Settings) -> None:

@@ -206,7 +206,7 @@ def _ensure_recording(session: Session, session_id: str, received_at: datetime, 
         "created_at": received_at,
         "processed_at": now,
     }
-    dialect = session.get_bind().dialect.name
+    dialect = session.connection().dialect.name  # the transaction's own connection: no bind lookup
     statement = _INSERTS[dialect](VoiceRecording).values(values).on_conflict_do_nothing(index_elements=["id"])
     session.execute(statement)
 

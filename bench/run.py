@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,24 +111,32 @@ def body_for(index: int) -> bytes:
 
 
 def measure_ack(procs: Processes, tiny: bool) -> dict[str, Any]:
-    seconds = 2 if tiny else 10
+    """Both servers run side by side and are measured in turns, so a burst of noise on this shared
+    machine lands on both figures of a ratio, not on one; each figure is the median of its turns."""
+    seconds, rounds = (1, 1) if tiny else (4, 5)
     results: dict[str, Any] = {}
+    servers = {}
     for name, app in (("webhook", "wsgi:app"), ("bare", "bench.bare:app")):
         port = free_port()
-        gunicorn = procs.start(name, [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", app], PORT=str(port),
-                               HOST="127.0.0.1")
+        servers[name] = (port, procs.start(name, [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", app],
+                                           PORT=str(port), HOST="127.0.0.1"))
         wait_for(lambda port=port: _answers(port), timeout=30)
         wrk(port, 1, 16)  # warm up
-        results[f"{name}_rps"] = wrk(port, seconds, 32)
-        results[f"{name}_port"] = port
-        results[f"{name}_pid"] = gunicorn.pid
-    # Open loop at half and at 80% of the webhook's closed-loop maximum, on both endpoints.
+    turns: dict[str, list[float]] = {"webhook": [], "bare": []}
+    for _ in range(rounds):
+        for name, (port, _process) in servers.items():
+            turns[name].append(wrk(port, seconds, 32))
+    for name, rates in turns.items():
+        results[f"{name}_rps"] = statistics.median(rates)
+        results[f"{name}_rps_turns"] = rates
+    # Open loop at half and at 80% of the webhook's closed-loop maximum, on both endpoints in turn.
     for share in (0.5, 0.8):
         rate = max(20.0, results["webhook_rps"] * share)
-        for name in ("webhook", "bare"):
-            results[f"{name}_open_{int(share * 100)}"] = open_loop(results[f"{name}_port"], rate, seconds, body_for)
-    results["web_worker_peak_rss_mb"] = max(peak_rss_mb(pid) for pid in children(results["webhook_pid"]))
-    for name in ("webhook", "bare"):
+        for name, (port, _process) in servers.items():
+            results[f"{name}_open_{int(share * 100)}"] = open_loop(port, rate, 2 if tiny else 10, body_for)
+    results["web_worker_peak_rss_mb"] = max(peak_rss_mb(pid) for pid in children(servers["webhook"][1].pid))
+    results["bare_worker_peak_rss_mb"] = max(peak_rss_mb(pid) for pid in children(servers["bare"][1].pid))
+    for name in servers:
         procs.stop(name)
     return results
 
@@ -221,7 +230,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"| {f['ack_p99_ms_at_half']} ms | ≤ {GOALS['ack_p99_ms_at_half']} ms |",
              f"| ack p99 at 80% ÷ bare p99 at 80% ({ack['webhook_open_80']['p99_ms']} ÷ "
              f"{ack['bare_open_80']['p99_ms']} ms) | {f['ack_p99_ratio_at_80']} | ≤ {GOALS['ack_p99_ratio_at_80']} |",
-             f"| peak RSS, one web worker | {f['web_worker_peak_rss_mb']} MB | ≤ {GOALS['peak_rss_mb']} MB |"]
+             f"| peak RSS, one web worker (the bare endpoint's: {ack['bare_worker_peak_rss_mb']} MB) "
+             f"| {f['web_worker_peak_rss_mb']} MB | ≤ {GOALS['peak_rss_mb']} MB |"]
     for database, p in report["processing"].items():
         lines += [
             f"| processing ratio, {database} (worker {p['worker_eps']} ÷ plain loop {p['plain_loop_eps']} events/s) "
