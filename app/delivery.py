@@ -12,6 +12,7 @@ import json
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 import redis
@@ -62,11 +63,11 @@ class Envelope:
     received_at: str
     request_id: str | None = None
 
-    @property
+    @cached_property
     def event(self) -> Event:
         return Event.from_message(self.message)
 
-    @property
+    @cached_property
     def key(self) -> str:
         return self.event.key
 

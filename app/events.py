@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -60,14 +61,14 @@ class Event:
     # AT values the mapping tables did not know: (field, value). Kept raw in ``payload`` anyway.
     unknown_values: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
-    @property
+    @cached_property
     def key(self) -> str:
         """What identifies this event in Redis: the sender's id, else the content fingerprint."""
         if self.idempotency_key:
             return hashlib.sha256(f"webhook-id:{self.idempotency_key}".encode()).hexdigest()
         return self.fingerprint
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """Identical for deliveries whose decoded fields are equal, whatever the encoding."""
         canonical = {name: _canonical(value) for name, value in self.payload.items()}
