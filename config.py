@@ -20,6 +20,8 @@ from xml.etree import ElementTree
 INSTANCE_DIR = Path(__file__).resolve().parent / "instance"
 DEFAULT_DATABASE_URL = f"sqlite:///{INSTANCE_DIR / 'voice.db'}"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+REDIS_BROKER_SCHEMES = ("redis://", "rediss://", "unix://")
+QUEUE_TYPES = ("classic", "quorum")
 
 # What a live call's request (isActive=1) is answered with: AT's call-control document.
 DEFAULT_ACTIVE_CALL_XML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
@@ -130,10 +132,22 @@ class Settings:
     # How long one Redis or broker call on the webhook's path may take before the request is
     # answered 503: AT must get its answer within a second even when Redis hangs.
     redis_socket_timeout: float = 0.25
+    celery_queue_type: str = "classic"
 
     @property
     def broker_url(self) -> str:
         return self.celery_broker_url or self.redis_url
+
+    @property
+    def broker_is_redis(self) -> bool:
+        """Redis is the broker (else RabbitMQ, and Redis is only the dedup cache)."""
+        return self.broker_url.startswith(REDIS_BROKER_SCHEMES)
+
+    @property
+    def broker_transport_holds_pending(self) -> bool:
+        """The project's transport (``app.transport``) serves this broker URL and writes the
+        pending entry with the message; other Redis URLs hold it in a round trip of its own."""
+        return self.broker_url.startswith("redis://")
 
     @property
     def hmac_secrets(self) -> tuple[str, ...]:
@@ -177,6 +191,7 @@ class Settings:
             log_level=log_level,
             log_format=log_format,
             app_env=env.get("APP_ENV", "development").strip().lower() or "development",
+            celery_queue_type=env.get("CELERY_QUEUE_TYPE", "").strip().lower() or "classic",
         )
         settings.check()
         return settings
@@ -185,6 +200,10 @@ class Settings:
         """Refuse settings that would run the service open where it must be closed."""
         _standard_webhook_keys(self.webhook_secrets)
         _check_call_xml(self.voice_active_call_xml)
+        if self.celery_queue_type not in QUEUE_TYPES:
+            raise ConfigError(f"CELERY_QUEUE_TYPE must be classic or quorum, got {self.celery_queue_type!r}")
+        if self.celery_queue_type == "quorum" and self.broker_is_redis:
+            raise ConfigError("CELERY_QUEUE_TYPE=quorum needs RabbitMQ as the broker (CELERY_BROKER_URL=amqp://...)")
         if self.webhook_auth not in {"", "none"}:
             raise ConfigError(f"WEBHOOK_AUTH may only be 'none' (or unset), got {self.webhook_auth!r}")
         if self.app_env == "production" and not self.webhook_auth_configured and self.webhook_auth != "none":

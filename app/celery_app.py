@@ -11,10 +11,11 @@ from typing import Any
 
 from celery import Celery, Task, signals
 from flask import Flask
+from kombu import Exchange, Queue
 
 from app import metrics
 from app.logs import configure_logging
-from app.queues import MAINTENANCE_QUEUE, WEBHOOK_QUEUE
+from app.queues import ALL_QUEUES, MAINTENANCE_QUEUE, SWEEP_TASK, WEBHOOK_QUEUE
 from config import Settings
 
 # A task runs in milliseconds; the limits only stop one stuck on a hung connection. They sit above
@@ -35,7 +36,7 @@ UNACKED_RESTORE_INTERVAL = 5
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    broker_is_redis = settings.broker_url.startswith(("redis://", "rediss://", "unix://"))
+    broker_is_redis = settings.broker_is_redis
     # kombu's own reconnect on first use waits 2 s between tries by default; a publisher gives up
     # at once instead, so the webhook answers 503 within a second (the worker's consumer
     # reconnects patiently by the broker_connection_* settings).
@@ -54,10 +55,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "socket_connect_timeout": settings.redis_socket_timeout,
         }
     else:
+        # A webhook is answered 200 only once RabbitMQ confirmed the publish (messages are
+        # persistent and queues durable by Celery's defaults).
         transport_options |= {"connect_timeout": 1, "confirm_publish": True}
     return {
         "broker_url": settings.broker_url,
-        "broker_transport": "app.transport:Transport" if settings.broker_url.startswith("redis://") else None,
+        "broker_transport": "app.transport:Transport" if settings.broker_transport_holds_pending else None,
+        **queue_config(settings),
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": 1,
@@ -75,7 +79,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_soft_time_limit": TASK_SOFT_TIME_LIMIT,
         "task_time_limit": TASK_TIME_LIMIT,
         "task_default_queue": WEBHOOK_QUEUE,
-        "task_routes": {"voice.sweep_pending": {"queue": MAINTENANCE_QUEUE}},
+        "task_routes": {SWEEP_TASK: {"queue": MAINTENANCE_QUEUE}},
         # Flower shows tasks only from workers that send events.
         "worker_send_task_events": True,
         # No task-sent event from the web: it cost one more Redis publish on every webhook (a
@@ -87,11 +91,28 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "beat_schedule": {
             "sweep-pending": {
-                "task": "voice.sweep_pending",
+                "task": SWEEP_TASK,
                 "schedule": max(5.0, settings.pending_redelivery_seconds / 4),
                 "options": {"queue": MAINTENANCE_QUEUE, "expires": 60},
             }
         },
+    }
+
+
+def queue_config(settings: Settings) -> dict[str, Any]:
+    """The service's queues. Quorum queues (RabbitMQ, replicated) are bound to topic exchanges, so
+    that a retry's countdown waits in the broker (Celery's native delayed delivery) instead of
+    in a worker holding the message unacknowledged."""
+    if settings.celery_queue_type != "quorum":
+        return {}
+    arguments = {"x-queue-type": "quorum"}
+    return {
+        "task_queues": [Queue(name, Exchange(name, type="topic"), routing_key=name, queue_arguments=arguments)
+                        for name in ALL_QUEUES],
+        "task_default_queue_type": "quorum",
+        "task_default_exchange_type": "topic",
+        "task_create_missing_queue_type": "quorum",
+        "task_create_missing_queue_exchange_type": "topic",
     }
 
 

@@ -8,9 +8,12 @@ import click
 from flask import current_app
 from sqlalchemy import select
 
-from app.delivery import drain_redis_dead_letters, pending_count, replay, sweep_pending
+from app import pending
+from app.deadletters import drain_redis as drain_redis_dead_letters
+from app.deadletters import replay
 from app.extensions import db
 from app.models import DeadLetter
+from app.publish import resend_due
 from app.queues import REPLAY_QUEUE
 from app.simulator import simulate
 from app.timeutil import to_rfc3339
@@ -95,5 +98,5 @@ def simulate_command(url: str, calls: int, participants: int, duplicates: float,
 @voice.command("sweep")
 def sweep() -> None:
     """Send again, now, every pending event that is due (what the periodic sweeper does)."""
-    sent = sweep_pending()
-    click.echo(f"re-sent {sent} pending event(s); {pending_count()} pending")
+    sent = resend_due()
+    click.echo(f"re-sent {sent} pending event(s); {pending.count()} pending")

@@ -75,7 +75,7 @@ class StateCollector(Collector):
         self.app = app
 
     def collect(self) -> Iterator[Metric]:
-        from app.delivery import queue_depths, state_counts
+        from app.gauges import queue_depths, state_counts
 
         with self.app.app_context():
             try:

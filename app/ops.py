@@ -24,14 +24,22 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    """Each dependency answers, with its latency; 503 names the ones that did not."""
+    """Each dependency answers, with its latency; 503 names the ones that did not.
+
+    With RabbitMQ as the broker Redis is only the dedup cache: webhooks are still accepted and
+    applied once without it, so its failure is reported as degraded and the answer stays 200.
+    """
     checks = {"database": _check(_database), "redis": _check(_redis), "broker": _check(_broker)}
-    ready = all(check["ok"] for check in checks.values())
-    failed = [name for name, check in checks.items() if not check["ok"]]
-    body: dict[str, Any] = {"status": "ready" if ready else "unavailable", "checks": checks}
+    optional = set() if current_app.extensions["settings"].broker_is_redis else {"redis"}
+    failed = [name for name, check in checks.items() if not check["ok"] and name not in optional]
+    degraded = [name for name, check in checks.items() if not check["ok"] and name in optional]
+    status = "unavailable" if failed else "degraded" if degraded else "ready"
+    body: dict[str, Any] = {"status": status, "checks": checks}
     if failed:
         body["failed"] = failed
-    return jsonify(body), 200 if ready else 503
+    if degraded:
+        body["degraded"] = degraded
+    return jsonify(body), 503 if failed else 200
 
 
 def _check(probe: Callable[[], None]) -> dict[str, Any]:

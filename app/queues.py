@@ -1,7 +1,11 @@
-"""Queue names. The Procfile's worker consumes every one of them (a test checks)."""
+"""Queue and task names. The Procfile's worker consumes every queue (a test checks); senders name
+tasks by these constants instead of importing the task functions."""
 
 WEBHOOK_QUEUE = "voice-webhooks"  # events as they arrive
 REPLAY_QUEUE = "voice-replays"  # dead letters sent again, kept apart from live traffic
 MAINTENANCE_QUEUE = "voice-maintenance"  # the pending-set sweeper and other housekeeping
 
 ALL_QUEUES = (WEBHOOK_QUEUE, REPLAY_QUEUE, MAINTENANCE_QUEUE)
+
+APPLY_EVENT_TASK = "voice.apply_webhook_event"
+SWEEP_TASK = "voice.sweep_pending"

@@ -10,18 +10,14 @@ from celery import Task, shared_task
 from flask import current_app
 from sqlalchemy import exc as sa_exc
 
-from app import metrics
-from app.delivery import (
-    ClaimBusy,
-    Envelope,
-    dead_letter,
-    deliver,
-    drain_redis_dead_letters,
-    postpone_pending,
-    sweep_pending,
-)
+from app import deadletters, metrics, pending
+from app.dedup import ClaimBusy
+from app.delivery import REDIS_DOWN, deliver
 from app.domain import DUPLICATE
+from app.envelope import Envelope
 from app.logs import mask_phone
+from app.publish import resend_due
+from app.queues import APPLY_EVENT_TASK, SWEEP_TASK
 from app.timeutil import parse_rfc3339, utcnow
 
 log = structlog.get_logger(__name__)
@@ -52,7 +48,7 @@ def backoff_seconds(retries: int, busy: bool = False) -> float:
 
 # max_retries=None: the task counts its retries itself against EVENT_MAX_RETRIES, and dead-letters
 # the event after the last one instead of letting Celery drop it as failed.
-@shared_task(bind=True, name="voice.apply_webhook_event", acks_late=True, max_retries=None)
+@shared_task(bind=True, name=APPLY_EVENT_TASK, acks_late=True, max_retries=None)
 def apply_webhook_event(self: Task, message: dict, received_at: str, request_id: str | None = None) -> str:
     envelope = Envelope(message, received_at, request_id)
     structlog.contextvars.clear_contextvars()  # nothing carries over from the process's previous task
@@ -64,17 +60,17 @@ def apply_webhook_event(self: Task, message: dict, received_at: str, request_id:
     except TRANSIENT_ERRORS as exc:
         attempts = self.request.retries + 1
         if self.request.retries >= current_app.extensions["settings"].event_max_retries:
-            dead_letter(envelope, f"{type(exc).__name__}: {exc}", attempts)
+            deadletters.dead_letter(envelope, f"{type(exc).__name__}: {exc}", attempts)
             metrics.observe_event("dead_lettered")
             return "dead_lettered"
         countdown = backoff_seconds(self.request.retries, busy=isinstance(exc, ClaimBusy))
-        postpone_pending(envelope.key, countdown)
+        pending.postpone(envelope.key, countdown)
         metrics.observe_event("retried")
         log.warning("event_retry", attempt=attempts, countdown=round(countdown, 2), error_type=type(exc).__name__)
         raise self.retry(exc=exc, countdown=countdown, max_retries=None) from None
     except Exception as exc:  # not transient: retrying cannot help, so keep it rather than loop or lose it
         log.exception("event_failed")
-        dead_letter(envelope, f"{type(exc).__name__}: {exc}", self.request.retries + 1)
+        deadletters.dead_letter(envelope, f"{type(exc).__name__}: {exc}", self.request.retries + 1)
         metrics.observe_event("dead_lettered")
         return "dead_lettered"
     lag = None if outcome == DUPLICATE else (utcnow() - parse_rfc3339(received_at)).total_seconds()
@@ -84,11 +80,11 @@ def apply_webhook_event(self: Task, message: dict, received_at: str, request_id:
     return outcome
 
 
-@shared_task(name="voice.sweep_pending")
+@shared_task(name=SWEEP_TASK)
 def sweep_pending_task() -> int:
     """Periodic: send again what was accepted but not applied, and file Redis-held dead letters."""
     try:
-        drain_redis_dead_letters()
-    except sa_exc.SQLAlchemyError:
+        deadletters.drain_redis()
+    except (sa_exc.SQLAlchemyError, *REDIS_DOWN):
         log.warning("dead_letter_drain_deferred")
-    return sweep_pending()
+    return resend_due()

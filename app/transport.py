@@ -1,9 +1,13 @@
-"""kombu's Redis transport, with one client per channel for its synchronous calls.
+"""kombu's Redis transport, with the pending entry written in the same round trip as the message.
 
-kombu builds a new ``redis.Redis`` object for every publish; with redis-py 8 building one (its
-response-callback tables) costs as much as the LPUSH it is made for. A client over the channel's
-connection pool holds no connection of its own and is thread-safe, so the channel keeps one. The
-asynchronous (BRPOP) client a worker consumes with is left as kombu makes it.
+- A message published with the ``HOLD_HEADER`` header carries an entry for a Redis hash and sorted
+  set (the service's pending set). The channel takes the header off the message and writes the
+  entry and the message in one script: both are in Redis or neither is, in one round trip.
+  Celery still builds the message; only where it is written changes.
+- kombu builds a new ``redis.Redis`` object for every publish; with redis-py 8 building one (its
+  response-callback tables) costs as much as the LPUSH it is made for. A client over the
+  channel's connection pool holds no connection of its own and is thread-safe, so the channel
+  keeps one. The asynchronous (BRPOP) client a worker consumes with is left as kombu makes it.
 """
 
 from __future__ import annotations
@@ -11,10 +15,31 @@ from __future__ import annotations
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.utils.json import dumps
+
+HOLD_HEADER = "x-voice-hold"
+
+# Checks every key's type before writing anything, so that a key of the wrong type refuses the
+# whole publish instead of leaving half of it written (Redis does not undo a script's writes).
+# KEYS: hash, sorted set, queue. ARGV: field, value, score, message.
+_PUT_HELD = """
+local kinds = {redis.call('type', KEYS[1])['ok'], redis.call('type', KEYS[2])['ok'],
+               redis.call('type', KEYS[3])['ok']}
+local wanted = {'hash', 'zset', 'list'}
+for i = 1, 3 do
+  if kinds[i] ~= 'none' and kinds[i] ~= wanted[i] then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' is a ' .. kinds[i])
+  end
+end
+redis.call('hsetnx', KEYS[1], ARGV[1], ARGV[2])
+redis.call('zadd', KEYS[2], 'NX', ARGV[3], ARGV[1])
+return redis.call('lpush', KEYS[3], ARGV[4])
+"""
 
 
 class Channel(kombu_redis.Channel):
     _sync_client: Any = None
+    _put_held_script: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
@@ -22,6 +47,19 @@ class Channel(kombu_redis.Channel):
         if self._sync_client is None:
             self._sync_client = super()._create_client()
         return self._sync_client
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        hold = (message.get("headers") or {}).pop(HOLD_HEADER, None)
+        if hold is None or kwargs.get("_publish_batch") is not None or (self._expires and queue in self._expires):
+            if hold is not None:
+                raise ValueError(f"{HOLD_HEADER} is not supported on batched or expiring queues")
+            return super()._put(queue, message, **kwargs)
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        with self.conn_or_acquire() as client:
+            if self._put_held_script is None:
+                self._put_held_script = client.register_script(_PUT_HELD)
+            self._put_held_script(keys=[hold["hash"], hold["zset"], key],
+                                  args=[hold["field"], hold["value"], hold["score"], dumps(message)], client=client)
 
 
 class Transport(kombu_redis.Transport):

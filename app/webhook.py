@@ -11,10 +11,10 @@ from werkzeug.exceptions import ClientDisconnected
 
 from app import metrics
 from app.africastalking import IN_PROGRESS
-from app.delivery import enqueue
 from app.errors import BodyTimeout, PayloadTooLarge
 from app.events import decode_body, parse_event
 from app.logs import mask_phone
+from app.publish import enqueue
 from app.security import check_client_address, check_webhook_auth
 from app.timeutil import utcnow
 

@@ -27,10 +27,11 @@ from urllib.parse import urlencode
 import redis
 
 from app import create_app
-from app.delivery import PENDING_DUE, enqueue
 from app.domain import apply_event
 from app.events import Event
 from app.extensions import db
+from app.pending import PENDING_DUE
+from app.publish import enqueue
 from app.timeutil import utcnow
 from bench.loadgen import open_loop
 from config import Settings

@@ -12,9 +12,9 @@ from flask.testing import FlaskClient
 
 from app import metrics
 from app.africastalking import DECISIVE_CAUSES, OTHER_CAUSES
-from app.delivery import PENDING_DATA
 from app.errors import InvalidPayload
 from app.events import FORM, decode_body, parse_event
+from app.pending import PENDING_DATA
 from app.simulator import plan
 from config import DEFAULT_ACTIVE_CALL_XML, Settings
 

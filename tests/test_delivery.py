@@ -16,25 +16,19 @@ from flask import Flask
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from app import create_app, delivery
-from app.delivery import (
-    DEAD_LETTER_LIST,
-    DEDUP_PREFIX,
-    PENDING_DATA,
-    PENDING_DUE,
-    ClaimBusy,
-    Envelope,
-    dead_letter,
-    deliver,
-    drain_redis_dead_letters,
-    enqueue,
-    replay,
-    sweep_pending,
-)
+from app import create_app, delivery, pending
+from app.deadletters import DEAD_LETTER_LIST, dead_letter, replay
+from app.deadletters import drain_redis as drain_redis_dead_letters
+from app.dedup import DEDUP_PREFIX, ClaimBusy
+from app.delivery import deliver
 from app.domain import APPLIED, DUPLICATE
+from app.envelope import Envelope
 from app.events import Event
 from app.extensions import db
 from app.models import DeadLetter, VoiceRecording, WebhookEvent
+from app.pending import PENDING_DATA, PENDING_DUE
+from app.publish import enqueue
+from app.publish import resend_due as sweep_pending
 from app.queues import REPLAY_QUEUE, WEBHOOK_QUEUE
 from config import Settings
 from tests.support import free_port
@@ -143,8 +137,8 @@ def test_sweeper_resends_only_what_is_due(app: Flask) -> None:
     with app.app_context():
         client = app.extensions["redis"]
         due, later = envelope("DUE"), envelope("LATER")
-        delivery.add_pending(client, due.key, due, time.time() - 1)
-        delivery.add_pending(client, later.key, later, time.time() + 60)
+        pending.add(client, due.key, due, time.time() - 1)
+        pending.add(client, later.key, later, time.time() + 60)
         assert sweep_pending() == 1
         assert [args[0]["session_id"] for args in queued(app)] == ["DUE"]
         assert client.zscore(PENDING_DUE, due.key) > time.time()  # not sent again at the next sweep
@@ -155,7 +149,7 @@ def test_each_resend_of_an_event_waits_twice_as_long(app: Flask) -> None:
     with app.app_context():
         client = app.extensions["redis"]
         env = envelope("SLOW")
-        delivery.add_pending(client, env.key, env, 0)
+        pending.add(client, env.key, env, 0)
         age = app.extensions["settings"].pending_redelivery_seconds
         now = time.time()
         waits = []
@@ -166,7 +160,7 @@ def test_each_resend_of_an_event_waits_twice_as_long(app: Flask) -> None:
             now = due
         assert waits == [2, 4, 8, 16, 32, 64, 64, 64]
         assert deliver(env, owner="t") == APPLIED
-        assert client.hget(delivery.PENDING_SENDS, env.key) is None
+        assert client.hget(pending.PENDING_SENDS, env.key) is None
 
 
 def test_dead_letters_are_stored_listed_and_replayed_once(app: Flask) -> None:

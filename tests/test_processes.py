@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from app.celery_app import TASK_TIME_LIMIT, VISIBILITY_TIMEOUT
-from app.delivery import CLAIM_TTL_SECONDS
+from app.dedup import CLAIM_TTL_SECONDS
 from app.queues import ALL_QUEUES
 from app.tasks import BACKOFF_MAX_SECONDS
 from tests.support import ROOT

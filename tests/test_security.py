@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from app.delivery import PENDING_DATA
 from app.errors import InvalidPayload, UnsupportedMediaType
 from app.events import FORM, JSON_TYPE, decode_body, parse_event
+from app.pending import PENDING_DATA
 from config import Settings
 from tests.support import ROOT
 

@@ -14,9 +14,12 @@ from flask import Flask
 from sqlalchemy import select
 
 from app import create_app, tasks
-from app.delivery import DEAD_LETTER_LIST, PENDING_DATA, Envelope, add_pending
+from app.deadletters import DEAD_LETTER_LIST
+from app.envelope import Envelope
 from app.extensions import db
 from app.models import DeadLetter, VoiceRecording
+from app.pending import PENDING_DATA
+from app.pending import add as add_pending
 from app.tasks import BACKOFF_MAX_SECONDS, CLAIM_BUSY_MAX_SECONDS, apply_webhook_event, backoff_seconds
 from config import Settings
 from tests.support import free_port

@@ -14,7 +14,7 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app.delivery import PENDING_DATA
+from app.pending import PENDING_DATA
 from app.queues import WEBHOOK_QUEUE
 from config import Settings
 from tests.support import free_port

@@ -1,0 +1,92 @@
+"""The dedup cache: an event's Redis key, claimed before it is applied and marked done after.
+
+A claim (short TTL) keeps two tasks from applying one event at once; the done mark (long TTL,
+``DEDUP_TTL_SECONDS``) turns later copies away with one round trip. The database's unique
+fingerprint stays the final guard when Redis has forgotten a key or cannot be reached.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import redis
+import structlog
+from flask import current_app
+
+from app import pending
+from app.timeutil import stamp
+
+log = structlog.get_logger(__name__)
+
+DEDUP_PREFIX = "voice:dedup:"
+DONE = "done"  # stored as done:<stamp of the arrival time of the copy applied>
+# A claim outlives the task's hard time limit, so a live task never loses its claim; a worker
+# that died holding one frees it when it expires.
+CLAIM_TTL_SECONDS = 120
+
+
+class ClaimBusy(Exception):
+    """Another task holds this event's claim right now; try again shortly."""
+
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+# One round trip: take the claim if nobody holds the key; if the event was applied from a copy
+# that arrived no later than this one, drop it from the pending set and say so; else tell who
+# holds the key. Times are stamps in one fixed format, so they compare as strings.
+_CLAIM = """
+local current = redis.call('get', KEYS[1])
+if not current then
+  redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return 'claimed'
+end
+if string.sub(current, 1, 5) == 'done:' and ARGV[4] >= string.sub(current, 6) then
+  redis.call('hdel', KEYS[2], ARGV[3])
+  redis.call('zrem', KEYS[3], ARGV[3])
+  redis.call('hdel', KEYS[4], ARGV[3])
+  return 'duplicate'
+end
+return current
+"""
+
+
+def _client() -> redis.Redis:
+    return current_app.extensions["redis"]
+
+
+def claim(key: str, owner: str, received_at: datetime) -> str:
+    """'claimed' (ours to apply), 'duplicate' (applied from a copy no later than this one; dropped
+    from pending), 'earlier' (applied, but this copy arrived first) or 'busy' (another task holds it)."""
+    token = f"claim:{owner}"
+    state = _client().eval(
+        _CLAIM, 4, DEDUP_PREFIX + key, pending.PENDING_DATA, pending.PENDING_DUE, pending.PENDING_SENDS,
+        token, CLAIM_TTL_SECONDS, key, stamp(received_at),
+    ).decode()
+    if state in {"claimed", "duplicate"}:
+        return state
+    if state.startswith(DONE):
+        return "earlier"
+    # A redelivered message keeps its task id: its own stale claim is still its own.
+    return "claimed" if state == token else "busy"
+
+
+def finish(key: str, received_at: datetime) -> None:
+    """Applied: remember it for DEDUP_TTL_SECONDS with the arrival time it was applied at, and
+    drop it from the pending set (Redis broker), in one round trip."""
+    ttl = current_app.extensions["settings"].dedup_ttl_seconds
+    pipe = _client().pipeline(transaction=True)
+    pipe.set(DEDUP_PREFIX + key, f"{DONE}:{stamp(received_at)}", ex=ttl)
+    if pending.in_use():
+        pending.drop(pipe, key)
+    pipe.execute()
+
+
+def release(key: str, owner: str) -> None:
+    """Give up a claim after a failed transaction, so a retry need not wait for it to expire."""
+    try:
+        _client().eval(_RELEASE, 1, DEDUP_PREFIX + key, f"claim:{owner}")
+    except redis.RedisError:
+        log.warning("claim_release_failed", event_key=key)  # it expires on its own

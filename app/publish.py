@@ -1,0 +1,82 @@
+"""Handing events to the broker: the webhook's enqueue, re-sends from the pending set, replays.
+
+On the Redis broker an event is held in the pending set (``app.pending``) with its task message,
+in one round trip: the project's transport writes both in one script (``app.transport``). On
+RabbitMQ the publish alone is the guarantee (publisher confirms, persistent messages, durable
+queues), and Redis is not on the webhook's path at all.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+
+import redis
+import structlog
+from flask import current_app
+from kombu.exceptions import OperationalError as KombuOperationalError
+
+from app import pending
+from app.envelope import Envelope
+from app.errors import QueueUnavailable
+from app.events import Event
+from app.logs import mask_phone
+from app.queues import APPLY_EVENT_TASK, WEBHOOK_QUEUE
+from app.transport import HOLD_HEADER
+
+log = structlog.get_logger(__name__)
+
+# What a broker or Redis outage raises on the publishing side.
+QUEUE_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, KombuOperationalError, OSError)
+
+
+def enqueue(event: Event, received_at: datetime, request_id: str | None) -> None:
+    """Give the event's task to the broker (held in the pending set on Redis).
+
+    Raises QueueUnavailable (503) when the broker did not take it, so no 200 goes out for an
+    unqueued task.
+    """
+    envelope = Envelope(event.to_message(), received_at.isoformat(), request_id)
+    try:
+        send(envelope, WEBHOOK_QUEUE, hold=True)
+    except QUEUE_ERRORS as exc:
+        log.warning("enqueue_failed", error_type=type(exc).__name__)
+        raise QueueUnavailable("the queue is unavailable; try again", session_id=event.session_id) from None
+
+
+def send(envelope: Envelope, queue: str, hold: bool = False) -> None:
+    """Publish the event's task; with ``hold``, also hold it in the pending set (Redis broker)."""
+    settings = current_app.extensions["settings"]
+    headers = None
+    if hold and settings.broker_is_redis:
+        key = envelope.key
+        due = time.time() + settings.pending_redelivery_seconds
+        if settings.broker_transport_holds_pending:
+            headers = {HOLD_HEADER: pending.entry(key, envelope, due)}
+        else:  # a Redis broker URL the project's transport does not serve: two round trips
+            pending.add(pending.redis_client(), key, envelope, due)
+    message = envelope.message
+    current_app.extensions["celery"].send_task(
+        APPLY_EVENT_TASK,
+        args=(message, envelope.received_at, envelope.request_id),
+        queue=queue,
+        retry=False,
+        headers=headers,
+        # What Flower and the worker show of the arguments: short, and with the phone masked
+        # (Celery's default repr of the whole payload cost a tenth of the ack time).
+        argsrepr=f"session_id={message['session_id']} status={message['status']} "
+        f"phone={mask_phone(message.get('phone_number'))}",
+        kwargsrepr="",
+    )
+
+
+def resend_due(now: float | None = None) -> int:
+    """Send again every accepted event that no worker has applied or touched in time."""
+    if not pending.in_use():
+        return 0
+    due = pending.take_due(time.time() if now is None else now)
+    for envelope in due:
+        send(envelope, WEBHOOK_QUEUE)
+    if due:
+        log.warning("pending_redelivered", count=len(due))
+    return len(due)
