@@ -140,7 +140,7 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["status", "checks"],
         "properties": {
-            "status": {"type": "string", "enum": ["ready", "unavailable"]},
+            "status": {"type": "string", "enum": ["ready", "degraded", "unavailable"]},
             "checks": {
                 "type": "object",
                 "additionalProperties": {
@@ -154,6 +154,8 @@ _SCHEMAS: dict[str, Any] = {
                 },
             },
             "failed": {"type": "array", "items": {"type": "string"}},
+            "degraded": {"type": "array", "items": {"type": "string"},
+                         "description": "Down, but not needed to accept and apply webhooks (Redis on RabbitMQ)"},
         },
     },
 }
@@ -253,10 +255,10 @@ _PATHS: dict[str, Any] = {
     },
     "/readyz": {
         "get": {
-            "summary": "The database, Redis (and a separate broker) answer",
+            "summary": "The database, Redis and the broker answer (on RabbitMQ, Redis down is only degraded)",
             "operationId": "readyz",
             "responses": {
-                "200": _json(_ref("Readiness"), "Ready"),
+                "200": _json(_ref("Readiness"), "Ready, or degraded: `degraded` names what is down"),
                 "503": _json(_ref("Readiness"), "A dependency failed; `failed` names it"),
             },
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import redis
@@ -59,11 +60,16 @@ def apply_webhook_event(self: Task, message: dict, received_at: str, request_id:
         outcome = deliver(envelope, owner=self.request.id)
     except TRANSIENT_ERRORS as exc:
         attempts = self.request.retries + 1
-        if self.request.retries >= current_app.extensions["settings"].event_max_retries:
+        settings = current_app.extensions["settings"]
+        if self.request.retries >= settings.event_max_retries:
             deadletters.dead_letter(envelope, f"{type(exc).__name__}: {exc}", attempts)
             metrics.observe_event("dead_lettered")
             return "dead_lettered"
         countdown = backoff_seconds(self.request.retries, busy=isinstance(exc, ClaimBusy))
+        if settings.celery_queue_type == "quorum":
+            # RabbitMQ's delayed delivery counts whole seconds, and refuses (and drops) a message
+            # whose countdown rounds down to zero.
+            countdown = float(max(1, math.ceil(countdown)))
         pending.postpone(envelope.key, countdown)
         metrics.observe_event("retried")
         log.warning("event_retry", attempt=attempts, countdown=round(countdown, 2), error_type=type(exc).__name__)

@@ -8,6 +8,7 @@ bench/results/<date>.json, .md and .png. Every goal is a ratio of two figures fr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import redis
 
@@ -36,13 +37,13 @@ from app.timeutil import utcnow
 from bench.loadgen import open_loop
 from config import Settings
 from tests.conftest import migrate
-from tests.support import PostgresServer, RedisServer, free_port, wait_for
+from tests.support import PostgresServer, RedisServer, free_port, rabbitmq_vhost, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
 GOALS = {"ack_throughput_ratio": 0.75, "ack_p99_ms_at_half": 10.0, "ack_p99_ratio_at_80": 3.0,
-         "processing_ratio": 0.6, "duplicate_ratio": 5.0, "peak_rss_mb": 80.0}
+         "network_throughput_ratio": 0.9, "processing_ratio": 0.6, "duplicate_ratio": 5.0, "peak_rss_mb": 80.0}
 
 
 def events(n: int, prefix: str) -> list[Event]:
@@ -111,7 +112,11 @@ def body_for(index: int) -> bytes:
                       "duration": str(index % 3600), "status": "completed"}).encode()
 
 
-def measure_ack(procs: Processes, tiny: bool) -> dict[str, Any]:
+def progress(message: str) -> None:
+    print(f"[{datetime.now(UTC):%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+def measure_ack(procs: Processes, tiny: bool, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Both servers run side by side and are measured in turns, so a burst of noise on this shared
     machine lands on both figures of a ratio, not on one; each figure is the median of its turns."""
     seconds, rounds = (1, 1) if tiny else (4, 5)
@@ -120,19 +125,22 @@ def measure_ack(procs: Processes, tiny: bool) -> dict[str, Any]:
     for name, app in (("webhook", "wsgi:app"), ("bare", "bench.bare:app")):
         port = free_port()
         servers[name] = (port, procs.start(name, [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", app],
-                                           PORT=str(port), HOST="127.0.0.1"))
+                                           PORT=str(port), HOST="127.0.0.1", **(env or {})))
         wait_for(lambda port=port: _answers(port), timeout=30)
         wrk(port, 1, 16)  # warm up
     turns: dict[str, list[float]] = {"webhook": [], "bare": []}
-    for _ in range(rounds):
+    for turn in range(rounds):
         for name, (port, _process) in servers.items():
             turns[name].append(wrk(port, seconds, 32))
+        progress(f"closed loop, turn {turn + 1} of {rounds}: webhook {turns['webhook'][-1]:.0f} req/s, "
+                 f"bare {turns['bare'][-1]:.0f} req/s")
     for name, rates in turns.items():
         results[f"{name}_rps"] = statistics.median(rates)
         results[f"{name}_rps_turns"] = rates
     # Open loop at half and at 80% of the webhook's closed-loop maximum, on both endpoints in turn.
     for share in (0.5, 0.8):
         rate = max(20.0, results["webhook_rps"] * share)
+        progress(f"open loop at {int(share * 100)}% of the webhook's maximum: {rate:.0f} req/s on both endpoints")
         for name, (port, _process) in servers.items():
             results[f"{name}_open_{int(share * 100)}"] = open_loop(port, rate, 2 if tiny else 10, body_for)
     results["web_worker_peak_rss_mb"] = max(peak_rss_mb(pid) for pid in children(servers["webhook"][1].pid))
@@ -140,6 +148,31 @@ def measure_ack(procs: Processes, tiny: bool) -> dict[str, Any]:
     for name in servers:
         procs.stop(name)
     return results
+
+
+def measure_network(procs: Processes, redis_url: str, broker_url: str, rtt_ms: float, tiny: bool) -> dict[str, Any]:
+    """The webhook with Redis and the broker behind a delay proxy (``rtt_ms`` per round trip):
+    closed-loop throughput (median of turns) and the open-loop p99 at half of that maximum."""
+    seconds, rounds = (1, 1) if tiny else (4, 3)
+    targets = {"REDIS_URL": redis_url, **({"CELERY_BROKER_URL": broker_url} if broker_url else {})}
+    env = {}
+    for variable, url in targets.items():
+        parsed = urlsplit(url)
+        port = free_port()
+        procs.start(f"proxy-{variable}", [sys.executable, "-m", "bench.delayproxy", "--listen", f"127.0.0.1:{port}",
+                                           "--target", f"127.0.0.1:{parsed.port}", "--delay-ms", str(rtt_ms / 2)])
+        env[variable] = urlunsplit(parsed._replace(netloc=parsed.netloc.replace(f":{parsed.port}", f":{port}")))
+    port = free_port()
+    procs.start("webhook", [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"], PORT=str(port),
+                HOST="127.0.0.1", **env)
+    wait_for(lambda: _answers(port), timeout=30)
+    wrk(port, 1, 16)
+    rates = [wrk(port, seconds, 32) for _ in range(rounds)]
+    rps = statistics.median(rates)
+    half = open_loop(port, max(20.0, rps / 2), 2 if tiny else 10, body_for)
+    for name in ["webhook", *(f"proxy-{variable}" for variable in targets)]:
+        procs.stop(name)
+    return {"rtt_ms": rtt_ms, "rps": rps, "rps_turns": rates, "open_50": half}
 
 
 def _answers(port: int) -> bool:
@@ -206,14 +239,20 @@ def measure_processing(procs: Processes, settings: Settings, tiny: bool) -> dict
 # --- report ----------------------------------------------------------------------------------
 
 
-def summarize(ack: dict[str, Any], processing: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    half, eighty = ack["webhook_open_50"], ack["webhook_open_80"]
-    figures: dict[str, Any] = {
-        "ack_throughput_ratio": round(ack["webhook_rps"] / ack["bare_rps"], 3),
-        "ack_p99_ms_at_half": half["p99_ms"],
-        "ack_p99_ratio_at_80": round(eighty["p99_ms"] / max(ack["bare_open_80"]["p99_ms"], 0.01), 2),
-        "web_worker_peak_rss_mb": ack["web_worker_peak_rss_mb"],
-    }
+def summarize(acks: dict[str, dict[str, Any]], processing: dict[str, dict[str, Any]],
+              network: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for broker, ack in acks.items():
+        suffix = "" if broker == "redis" else f"_{broker}"
+        figures[f"ack_throughput_ratio{suffix}"] = round(ack["webhook_rps"] / ack["bare_rps"], 3)
+        figures[f"ack_p99_ms_at_half{suffix}"] = ack["webhook_open_50"]["p99_ms"]
+        figures[f"ack_p99_ratio_at_80{suffix}"] = round(
+            ack["webhook_open_80"]["p99_ms"] / max(ack["bare_open_80"]["p99_ms"], 0.01), 2)
+    figures["web_worker_peak_rss_mb"] = acks["redis"]["web_worker_peak_rss_mb"]
+    for broker, runs in network.items():
+        delayed = [run for run in runs.values() if run["rtt_ms"]]
+        if delayed and "0" in runs:
+            figures[f"network_throughput_ratio_{broker}"] = round(delayed[0]["rps"] / runs["0"]["rps"], 3)
     for database, p in processing.items():
         figures[f"processing_ratio_{database}"] = round(p["worker_eps"] / p["plain_loop_eps"], 3)
         figures[f"duplicate_ratio_{database}"] = round(p["duplicate_eps"] / p["worker_eps"], 2)
@@ -222,17 +261,30 @@ def summarize(ack: dict[str, Any], processing: dict[str, dict[str, Any]]) -> dic
 
 
 def markdown(report: dict[str, Any]) -> str:
-    f, ack = report["figures"], report["ack"]
-    lines = [f"# Benchmark {report['date']}", "", f"Machine: {report['machine']}", "",
-             "| measure | figure | goal |", "|---|---|---|",
-             f"| ack throughput ratio (webhook {ack['webhook_rps']:.0f} req/s ÷ bare {ack['bare_rps']:.0f} req/s) "
-             f"| {f['ack_throughput_ratio']} | ≥ {GOALS['ack_throughput_ratio']} |",
-             f"| ack p99 at half the max ({ack['webhook_open_50']['rate']:.0f} req/s, open loop) "
-             f"| {f['ack_p99_ms_at_half']} ms | ≤ {GOALS['ack_p99_ms_at_half']} ms |",
-             f"| ack p99 at 80% ÷ bare p99 at 80% ({ack['webhook_open_80']['p99_ms']} ÷ "
-             f"{ack['bare_open_80']['p99_ms']} ms) | {f['ack_p99_ratio_at_80']} | ≤ {GOALS['ack_p99_ratio_at_80']} |",
-             f"| peak RSS, one web worker (the bare endpoint's: {ack['bare_worker_peak_rss_mb']} MB) "
-             f"| {f['web_worker_peak_rss_mb']} MB | ≤ {GOALS['peak_rss_mb']} MB |"]
+    f = report["figures"]
+    lines = [f"# Benchmark {report['date']} (commit {report['commit']})", "", f"Machine: {report['machine']}", "",
+             "| measure | figure | goal |", "|---|---|---|"]
+    for broker, ack in report["acks"].items():
+        suffix = "" if broker == "redis" else f"_{broker}"
+        lines += [
+            f"| {broker}: ack throughput ratio (webhook {ack['webhook_rps']:.0f} req/s ÷ bare {ack['bare_rps']:.0f} "
+            f"req/s) | {f[f'ack_throughput_ratio{suffix}']} | ≥ {GOALS['ack_throughput_ratio']} |",
+            f"| {broker}: ack p99 at half the max ({ack['webhook_open_50']['rate']:.0f} req/s, open loop) "
+            f"| {f[f'ack_p99_ms_at_half{suffix}']} ms | ≤ {GOALS['ack_p99_ms_at_half']} ms |",
+            f"| {broker}: ack p99 at 80% ÷ bare p99 at 80% ({ack['webhook_open_80']['p99_ms']} ÷ "
+            f"{ack['bare_open_80']['p99_ms']} ms) | {f[f'ack_p99_ratio_at_80{suffix}']} "
+            f"| ≤ {GOALS['ack_p99_ratio_at_80']} |",
+        ]
+    for broker, runs in report["network"].items():
+        for run in runs.values():
+            lines.append(f"| {broker} behind the delay proxy, {run['rtt_ms']} ms round trip: ack req/s, p99 at half "
+                         f"| {run['rps']:.0f} req/s, {run['open_50']['p99_ms']} ms | |")
+        if f"network_throughput_ratio_{broker}" in f:
+            lines.append(f"| {broker}: throughput at the delayed round trip ÷ at 0 ms (both through the proxy) "
+                         f"| {f[f'network_throughput_ratio_{broker}']} | ≥ {GOALS['network_throughput_ratio']} |")
+    bare_rss = report["acks"]["redis"]["bare_worker_peak_rss_mb"]
+    lines.append(f"| peak RSS, one web worker (the bare endpoint's: {bare_rss} MB) | {f['web_worker_peak_rss_mb']} MB "
+                 f"| ≤ {GOALS['peak_rss_mb']} MB |")
     for database, p in report["processing"].items():
         lines += [
             f"| processing ratio, {database} (worker {p['worker_eps']} ÷ plain loop {p['plain_loop_eps']} events/s) "
@@ -265,7 +317,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
     left.scatter(goals, names, color="#c44e52", marker="|", s=400, label="goal")
     left.set_title("Ratios measured in one run")
     left.legend()
-    for database, p in report["processing"].items():
+    for database, p in report["processing"].items():  # empty with --ack-only
         right.plot([1, 2, 4], [p["scaling_eps_1"], p["scaling_eps_2"], p["scaling_eps_4"]], marker="o", label=database)
     right.set_xlabel("worker processes")
     right.set_ylabel("events/s")
@@ -285,7 +337,15 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="a smoke run on a tiny load")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--label", default="", help="added to the result files' names, e.g. before")
+    parser.add_argument("--brokers", default="redis,rabbitmq",
+                        help="comma-separated: redis, rabbitmq (a virtual host of its own on the machine's RabbitMQ)")
+    parser.add_argument("--rtt-ms", type=float, default=0.5,
+                        help="round trip of the delayed network to Redis and the broker (0: no network runs)")
+    parser.add_argument("--ack-only", action="store_true", help="measure the acknowledgement only, not the worker")
     args = parser.parse_args()
+    brokers = [b for b in args.brokers.split(",") if b]
+    if not set(brokers) <= {"redis", "rabbitmq"} or "redis" not in brokers:
+        raise SystemExit("--brokers takes redis, and optionally rabbitmq")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk (bench/run.sh does it)")
     workdir = Path(tempfile.mkdtemp(prefix="voice-bench-"))
@@ -297,22 +357,35 @@ def main() -> int:
            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "API_KEYS": "bench"}
     procs = Processes(workdir, env)
     try:
-        databases = {"sqlite": f"sqlite:///{workdir / 'voice.db'}", "postgresql": postgres.url}
-        base = Settings(redis_url=redis_server.url, log_level="WARNING")
-        for url in databases.values():
-            migrate(url, redis_server.url)
-        procs.env["DATABASE_URL"] = databases["sqlite"]
-        ack = measure_ack(procs, args.tiny)
-        redis.Redis.from_url(redis_server.url).flushdb()
-        processing = {}
-        for name, url in databases.items():
-            procs.env["DATABASE_URL"] = url
-            processing[name] = measure_processing(procs, replace(base, database_url=url), args.tiny)
+        with contextlib.ExitStack() as resources:
+            amqp_url = resources.enter_context(rabbitmq_vhost()) if "rabbitmq" in brokers else ""
+            databases = {"sqlite": f"sqlite:///{workdir / 'voice.db'}", "postgresql": postgres.url}
+            base = Settings(redis_url=redis_server.url, log_level="WARNING")
+            for url in databases.values():
+                migrate(url, redis_server.url)
+            procs.env["DATABASE_URL"] = databases["sqlite"]
+            acks = {}
+            for broker in brokers:
+                progress(f"acknowledgement, {broker} broker")
+                acks[broker] = measure_ack(procs, args.tiny, {"CELERY_BROKER_URL": amqp_url} if broker != "redis"
+                                           else None)
+            network: dict[str, dict[str, Any]] = {}
+            for broker in brokers if args.rtt_ms else []:
+                for rtt in (0.0, args.rtt_ms):
+                    progress(f"acknowledgement, {broker} broker, behind the delay proxy at {rtt} ms round trip")
+                    network.setdefault(broker, {})[f"{rtt:g}"] = measure_network(
+                        procs, redis_server.url, amqp_url if broker != "redis" else "", rtt, args.tiny)
+            redis.Redis.from_url(redis_server.url).flushdb()
+            processing = {}
+            for name, url in databases.items() if not args.ack_only else []:
+                progress(f"processing, {name}")
+                procs.env["DATABASE_URL"] = url
+                processing[name] = measure_processing(procs, replace(base, database_url=url), args.tiny)
         report = {"date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "tiny": args.tiny, "label": args.label,
                   "commit": _commit(),
-                  "machine": f"{os.cpu_count()} cores, {os.uname().machine}", "goals": GOALS, "ack": ack,
-                  "processing": processing}
-        report["figures"] = summarize(ack, processing)
+                  "machine": f"{os.cpu_count()} cores, {os.uname().machine}", "goals": GOALS,
+                  "ack": acks["redis"], "acks": acks, "network": network, "processing": processing}
+        report["figures"] = summarize(acks, processing, network)
     finally:
         procs.stop_all()
         redis_server.stop()

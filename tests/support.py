@@ -172,3 +172,12 @@ def rabbitmq_vhost() -> Iterator[str]:
         yield f"amqp://guest:guest@127.0.0.1:5672/{name}"
     finally:
         subprocess.run([ctl, "delete_vhost", name], capture_output=True, timeout=60)
+
+
+def queued_on_rabbitmq(broker_url: str) -> int:
+    """Messages ready or unacknowledged in every queue of a virtual host (the URL's path)."""
+    vhost = broker_url.rsplit("/", 1)[1]
+    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    done = subprocess.run([ctl, "list_queues", "-p", vhost, "--quiet", "--no-table-headers", "name", "messages"],
+                          capture_output=True, text=True, check=True, timeout=60)
+    return sum(int(line.split()[1]) for line in done.stdout.splitlines() if line.strip())

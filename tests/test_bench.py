@@ -25,4 +25,6 @@ def test_bench_runs_on_a_tiny_load(tmp_path: Path) -> None:
         assert report["processing"][database]["worker_eps"] > 0
         assert report["processing"][database]["duplicate_eps"] > 0
     assert (tmp_path / result.name.replace(".json", ".png")).stat().st_size > 1000
-    assert "| ack throughput ratio" in (tmp_path / result.name.replace(".json", ".md")).read_text()
+    assert report["acks"]["rabbitmq"]["webhook_rps"] > 0
+    assert {run["rtt_ms"] for run in report["network"]["redis"].values()} == {0.0, 0.5}
+    assert "| redis: ack throughput ratio" in (tmp_path / result.name.replace(".json", ".md")).read_text()

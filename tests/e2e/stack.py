@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from tests.support import ROOT, RedisServer, free_port, wait_for
+from tests.support import ROOT, RedisServer, free_port, queued_on_rabbitmq, wait_for
 
 API_KEY = "e2e-api-key"
 BIN = Path(sys.executable).parent
@@ -164,8 +164,10 @@ class Stack:
         client = redis.Redis.from_url(self.redis.url)
 
         def idle() -> bool:
-            queued = 0 if "CELERY_BROKER_URL" in self.extra_env else client.llen("voice-webhooks")
-            return queued == 0 and client.zcard("voice:pending:due") == 0
+            broker_url = self.extra_env.get("CELERY_BROKER_URL")
+            if broker_url:  # RabbitMQ: messages ready or taken and not yet acknowledged
+                return queued_on_rabbitmq(broker_url) == 0
+            return client.llen("voice-webhooks") == 0 and client.zcard("voice:pending:due") == 0
 
         wait_for(idle, timeout=timeout, interval=0.2)
         client.close()

@@ -12,7 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.faults.rabbitmq import redis_down_on_rabbitmq
 from tests.faults.scenarios import SCENARIOS, Tally
+
+SCENARIOS = {**SCENARIOS, "redis-down-rabbitmq": redis_down_on_rabbitmq}
 
 
 def main() -> int:

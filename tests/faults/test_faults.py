@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults import scenarios
+from tests.faults import rabbitmq, scenarios
 
 pytestmark = pytest.mark.faults
 
@@ -71,3 +71,11 @@ def test_rolling_restart_of_web_and_worker(tmp_path: Path) -> None:
     tally = scenarios.rolling_restart(tmp_path)
     check(tally)
     assert tally.notes["answered_5xx"] == 0
+
+
+def test_redis_down_with_rabbitmq_as_the_broker(tmp_path: Path) -> None:
+    tally = rabbitmq.redis_down_on_rabbitmq(tmp_path)
+    check(tally)
+    accepted, posted = map(int, tally.notes["during_outage_200"].split("/"))
+    assert accepted == posted == 80  # 40 new events, 20 of them twice, 20 applied before: all answered 200
+    assert tally.notes["readyz_during_outage"] == (200, "degraded", ["redis"])
