@@ -22,6 +22,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from app.gauges import queue_depths, state_counts
+
 log = structlog.get_logger(__name__)
 
 WEBHOOKS = Counter("voice_webhooks_total", "Webhook requests by outcome and reason.", ["outcome", "reason"])
@@ -75,8 +77,6 @@ class StateCollector(Collector):
         self.app = app
 
     def collect(self) -> Iterator[Metric]:
-        from app.gauges import queue_depths, state_counts
-
         with self.app.app_context():
             try:
                 depth = GaugeMetricFamily("voice_queue_depth", "Messages waiting in each queue.", labels=["queue"])
