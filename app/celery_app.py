@@ -75,7 +75,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_soft_time_limit": TASK_SOFT_TIME_LIMIT,
         "task_time_limit": TASK_TIME_LIMIT,
         "task_default_queue": WEBHOOK_QUEUE,
-        "task_routes": {"voice.sweep_pending": {"queue": MAINTENANCE_QUEUE}},
+        "task_routes": {"voice.sweep_pending": {"queue": MAINTENANCE_QUEUE},
+                        "voice.prune_events": {"queue": MAINTENANCE_QUEUE}},
         # Flower shows tasks only from workers that send events.
         "worker_send_task_events": True,
         # No task-sent event from the web: it cost one more Redis publish on every webhook (a
@@ -90,9 +91,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "task": "voice.sweep_pending",
                 "schedule": max(5.0, settings.pending_redelivery_seconds / 4),
                 "options": {"queue": MAINTENANCE_QUEUE, "expires": 60},
-            }
+            },
+            **_retention_schedule(settings),
         },
     }
+
+
+def _retention_schedule(settings: Settings) -> dict[str, Any]:
+    """Hourly prune when EVENT_RETENTION_DAYS is set: each run deletes one hour's worth of old events."""
+    if not settings.event_retention_days:
+        return {}
+    return {"prune-events": {"task": "voice.prune_events", "schedule": 3600.0,
+                             "options": {"queue": MAINTENANCE_QUEUE, "expires": 3000}}}
 
 
 def celery_init_app(app: Flask) -> Celery:

@@ -21,7 +21,11 @@ from app.delivery import (
     sweep_pending,
 )
 from app.domain import DUPLICATE
+from app.extensions import db
+from app.hooks import relay as relay_hooks
+from app.hooks import relay_after_commit
 from app.logs import mask_phone
+from app.retention import prune
 from app.timeutil import parse_rfc3339, utcnow
 
 log = structlog.get_logger(__name__)
@@ -77,6 +81,7 @@ def apply_webhook_event(self: Task, message: dict, received_at: str, request_id:
         dead_letter(envelope, f"{type(exc).__name__}: {exc}", self.request.retries + 1)
         metrics.observe_event("dead_lettered")
         return "dead_lettered"
+    relay_after_commit(db.session, message["session_id"])
     lag = None if outcome == DUPLICATE else (utcnow() - parse_rfc3339(received_at)).total_seconds()
     metrics.observe_event(outcome, lag)
     log.info("event_applied", outcome=outcome, phone_number=mask_phone(message.get("phone_number")),
@@ -86,9 +91,26 @@ def apply_webhook_event(self: Task, message: dict, received_at: str, request_id:
 
 @shared_task(name="voice.sweep_pending")
 def sweep_pending_task() -> int:
-    """Periodic: send again what was accepted but not applied, and file Redis-held dead letters."""
+    """Periodic: send again what was accepted but not applied, relay the ready hooks a failed relay
+    left in the outbox, and file Redis-held dead letters."""
     try:
         drain_redis_dead_letters()
     except sa_exc.SQLAlchemyError:
         log.warning("dead_letter_drain_deferred")
+    relay_hooks_later()
     return sweep_pending()
+
+
+def relay_hooks_later() -> None:
+    try:
+        relay_hooks(db.session, path="sweeper")
+    except sa_exc.SQLAlchemyError:
+        db.session.rollback()
+        log.warning("hook_relay_deferred")
+
+
+@shared_task(name="voice.prune_events")
+def prune_events_task() -> int:
+    """Periodic (when EVENT_RETENTION_DAYS is set): delete stored events older than the window."""
+    days = current_app.extensions["settings"].event_retention_days
+    return prune(db.session, days).deleted if days else 0
