@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis
 from flask import Flask
+from kombu import Connection
 from sqlalchemy import select
 
 from app import hooks
@@ -24,7 +25,7 @@ from app.extensions import db
 from app.models import HookOutbox
 from config import Settings
 from tests.conftest import API_KEY
-from tests.support import RedisServer, wait_for
+from tests.support import RedisServer, rabbitmq_vhost, wait_for
 
 T0 = datetime(2026, 3, 6, 14, 0, tzinfo=UTC)
 TASK = "crm.tasks.recording_ready"
@@ -150,3 +151,19 @@ def test_the_backlog_is_a_metric(hook_app: Flask) -> None:
     apply(hook_app, ev("T", "completed", URL2), 0)
     text = hook_app.test_client().get("/metrics").get_data(as_text=True)
     assert "voice_hook_backlog 2.0" in text
+
+
+def test_relay_on_rabbitmq_lands_on_the_hook_queue(make_app: Any, sqlite_url: str, redis_server: RedisServer) -> None:
+    with rabbitmq_vhost() as broker_url:
+        app = make_app(Settings(database_url=sqlite_url, redis_url=redis_server.url, celery_broker_url=broker_url,
+                                voice_hook_task=TASK, voice_hook_queue=QUEUE, log_format="console"))
+        apply(app, ev("S", "completed", URL1), 0)
+        [row] = outbox(app)
+        with app.app_context():
+            assert hooks.relay(db.session) == 1
+        assert outbox(app) == []
+        with Connection(broker_url) as connection, connection.SimpleQueue(QUEUE) as queue:
+            message = queue.get(timeout=10)
+            assert (message.headers["id"], message.headers["task"]) == (row.task_id, TASK)
+            assert message.payload[0] == [row.recording]
+            message.ack()
