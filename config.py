@@ -93,8 +93,8 @@ def _check_call_xml(document: str) -> None:
         raise ConfigError(f"VOICE_ACTIVE_CALL_XML must have a <Response> root, not <{root.tag}>")
 
 
-# A Celery task or queue name: dotted words, as a consumer's code would register them.
-_TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:[.:][A-Za-z_][A-Za-z0-9_]*)*$")
+# A Celery task or queue name as a consumer's code would register it (dotted words, no spaces).
+_TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,199}$")
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
 MIN_RETENTION_DAYS = 7
 
