@@ -114,7 +114,7 @@ def event_view(event: WebhookEvent) -> dict[str, Any]:
 def _limit(raw: str | None) -> int:
     if raw is None:
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:  # "²" is a digit to isdigit
         raise BadRequest(f"limit must be an integer between 1 and {MAX_LIMIT}")
     return int(raw)
 

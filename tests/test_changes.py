@@ -232,3 +232,10 @@ def test_a_change_that_commits_after_a_later_one_is_not_missed(
     assert not errors
     consumer.catch_up()
     assert consumer.state == {"A": get(client, "A"), "B": get(client, "B")}
+
+
+@pytest.mark.parametrize("path", ["/api/v1/voice/recordings", FEED])
+def test_a_non_ascii_digit_limit_is_400_not_500(client: FlaskClient, auth: dict, path: str) -> None:
+    answer = client.get(path, query_string={"limit": "²"}, headers=auth)
+    assert answer.status_code == 400
+    assert answer.get_json()["error"].startswith("limit must be an integer between 1 and ")
