@@ -114,3 +114,18 @@ def test_the_setting_is_the_default_window(make_app: Any, settings: Settings) ->
     app = make_app(replace(settings, event_retention_days=150))
     seed(app, [1, 100, 200])
     assert run(app, "prune").output.startswith("deleted 1 event(s)")
+
+
+def test_the_periodic_task_prunes_by_the_setting(make_app: Any, settings: Settings) -> None:
+    from app.tasks import prune_events_task
+
+    app = make_app(replace(settings, event_retention_days=0))
+    seed(app, [1, 100, 200])
+    with app.app_context():
+        assert prune_events_task.run() == 0  # retention off: the task does nothing
+    assert counts(app)[0] == 3
+    app = make_app(replace(settings, event_retention_days=150))
+    seed(app, [1, 100, 200])
+    with app.app_context():
+        assert prune_events_task.run() == 1
+    assert counts(app)[0] == 2
