@@ -98,7 +98,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def _retention_schedule(settings: Settings) -> dict[str, Any]:
-    """Hourly prune when EVENT_RETENTION_DAYS is set: each run deletes one hour's worth of old events."""
+    """Hourly prune when EVENT_RETENTION_DAYS is set: once caught up, each run deletes the events that
+    crossed the window in the last hour; a first run on a large table is better done by hand
+    (``flask voice prune``), since each run stops after a few seconds."""
     if not settings.event_retention_days:
         return {}
     return {"prune-events": {"task": "voice.prune_events", "schedule": 3600.0,

@@ -35,6 +35,7 @@ class PruneReport:
     longest_batch_seconds: float = 0.0
     seconds: float = 0.0
     dry_run: bool = False
+    finished: bool = True
     batch_seconds: list[float] = field(default_factory=list, repr=False)
 
 
@@ -46,8 +47,13 @@ def prune(
     batch: int = BATCH,
     now: datetime | None = None,
     progress: Callable[[PruneReport], None] | None = None,
+    max_seconds: float | None = None,
 ) -> PruneReport:
-    """Delete events received before now - ``older_than_days``; a dry run only counts them."""
+    """Delete events received before now - ``older_than_days``; a dry run only counts them.
+
+    With ``max_seconds``, stops after the batch that crosses it (``report.finished`` is then False):
+    a periodic task must end within its time limit, and the next run goes on where it stopped.
+    """
     cutoff = (now or utcnow()) - timedelta(days=older_than_days)
     report = PruneReport(cutoff=cutoff, dry_run=dry_run)
     started = time.monotonic()
@@ -76,8 +82,11 @@ def prune(
             PRUNED.inc(deleted)
             if progress is not None:
                 progress(report)
+            if max_seconds is not None and time.monotonic() - started > max_seconds:
+                report.finished = False
+                break
     report.seconds = time.monotonic() - started
-    log.info("events_pruned", deleted=report.deleted, batches=report.batches, dry_run=dry_run,
+    log.info("events_pruned", deleted=report.deleted, batches=report.batches, dry_run=dry_run, finished=report.finished,
              cutoff=cutoff.isoformat(), older_than_days=older_than_days, seconds=round(report.seconds, 3),
              longest_batch_seconds=round(report.longest_batch_seconds, 3))
     return report

@@ -129,3 +129,11 @@ def test_the_periodic_task_prunes_by_the_setting(make_app: Any, settings: Settin
     with app.app_context():
         assert prune_events_task.run() == 1
     assert counts(app)[0] == 2
+
+
+def test_a_time_budget_stops_after_the_batch_that_crosses_it(app: Flask) -> None:
+    seed(app, [10, 11, 12, 13, 14])
+    with app.app_context():
+        report = retention.prune(db.session, 7, batch=2, now=NOW, max_seconds=0)
+    assert (report.deleted, report.batches, report.finished) == (2, 1, False)
+    assert counts(app)[0] == 3
