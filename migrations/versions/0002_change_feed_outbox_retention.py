@@ -36,8 +36,15 @@ def upgrade():
         batch_op.create_index(batch_op.f('ix_hook_outbox_recording_id'), ['recording_id'], unique=False)
 
     # Retention deletes the oldest events in batches; without this index each batch scans the table.
-    with op.batch_alter_table('webhook_events', schema=None) as batch_op:
-        batch_op.create_index('ix_webhook_events_received_at', ['received_at'], unique=False)
+    # On PostgreSQL it is built CONCURRENTLY (outside the migration's transaction), so workers keep
+    # writing events while it is built over a large table.
+    if op.get_bind().dialect.name == 'postgresql':
+        with op.get_context().autocommit_block():
+            op.create_index('ix_webhook_events_received_at', 'webhook_events', ['received_at'], unique=False,
+                            postgresql_concurrently=True, if_not_exists=True)
+    else:
+        with op.batch_alter_table('webhook_events', schema=None) as batch_op:
+            batch_op.create_index('ix_webhook_events_received_at', ['received_at'], unique=False)
 
 
 def downgrade():
