@@ -15,7 +15,7 @@ from kombu import Exchange, Queue
 
 from app import metrics
 from app.logs import configure_logging
-from app.queues import ALL_QUEUES, MAINTENANCE_QUEUE, SWEEP_TASK, WEBHOOK_QUEUE
+from app.queues import ALL_QUEUES, MAINTENANCE_QUEUE, PRUNE_TASK, SWEEP_TASK, WEBHOOK_QUEUE
 from config import Settings
 
 # A task runs in milliseconds; the limits only stop one stuck on a hung connection. They sit above
@@ -79,7 +79,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_soft_time_limit": TASK_SOFT_TIME_LIMIT,
         "task_time_limit": TASK_TIME_LIMIT,
         "task_default_queue": WEBHOOK_QUEUE,
-        "task_routes": {SWEEP_TASK: {"queue": MAINTENANCE_QUEUE}},
+        "task_routes": {SWEEP_TASK: {"queue": MAINTENANCE_QUEUE}, PRUNE_TASK: {"queue": MAINTENANCE_QUEUE}},
         # Flower shows tasks only from workers that send events.
         "worker_send_task_events": True,
         # No task-sent event from the web: it cost one more Redis publish on every webhook (a
@@ -94,7 +94,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "task": SWEEP_TASK,
                 "schedule": max(5.0, settings.pending_redelivery_seconds / 4),
                 "options": {"queue": MAINTENANCE_QUEUE, "expires": 60},
-            }
+            },
+            **_retention_schedule(settings),
         },
     }
 
@@ -114,6 +115,16 @@ def queue_config(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queue_type": "quorum",
         "task_create_missing_queue_exchange_type": "topic",
     }
+
+
+def _retention_schedule(settings: Settings) -> dict[str, Any]:
+    """Hourly prune when EVENT_RETENTION_DAYS is set: once caught up, each run deletes the events that
+    crossed the window in the last hour; a first run on a large table is better done by hand
+    (``flask voice prune``), since each run stops after a few seconds."""
+    if not settings.event_retention_days:
+        return {}
+    return {"prune-events": {"task": PRUNE_TASK, "schedule": 3600.0,
+                             "options": {"queue": MAINTENANCE_QUEUE, "expires": 3000}}}
 
 
 def celery_init_app(app: Flask) -> Celery:

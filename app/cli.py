@@ -1,4 +1,4 @@
-"""``flask voice ...``: operate on dead letters and the pending set."""
+"""``flask voice ...``: operate on dead letters, the pending set and event retention."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from app.extensions import db
 from app.models import DeadLetter
 from app.publish import resend_due
 from app.queues import REPLAY_QUEUE
+from app.retention import prune
 from app.simulator import simulate
 from app.timeutil import to_rfc3339
+from config import ConfigError, check_retention_days
 
 
 @click.group()
@@ -100,3 +102,25 @@ def sweep() -> None:
     """Send again, now, every pending event that is due (what the periodic sweeper does)."""
     sent = resend_due()
     click.echo(f"re-sent {sent} pending event(s); {pending.count()} pending")
+
+
+@voice.command("prune")
+@click.option("--older-than", "older_than", type=int, default=None, metavar="DAYS",
+              help="Delete events received more than DAYS ago (default: EVENT_RETENTION_DAYS).")
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+def prune_command(older_than: int | None, dry_run: bool) -> None:
+    """Delete stored events older than the retention window, in short batches."""
+    settings = current_app.extensions["settings"]
+    if older_than is None and not settings.event_retention_days:
+        raise click.UsageError("retention is off (EVENT_RETENTION_DAYS=0): give --older-than DAYS")
+    days = settings.event_retention_days if older_than is None else older_than
+    try:
+        check_retention_days(days, settings.dedup_ttl_seconds, "--older-than")
+        if days <= 0:  # 0 means "keep forever" in the setting; as a window it would delete everything
+            raise ConfigError("--older-than must be a number of days of at least 7")
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--older-than") from None
+    report = prune(db.session, days, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {report.deleted} event(s) received before {to_rfc3339(report.cutoff)}"
+               + ("" if dry_run else f" in {report.batches} batch(es)"))

@@ -104,6 +104,9 @@ def registry_for(app: Flask) -> CollectorRegistry:
         for collector in list(PROCESS_REGISTRY._collector_to_names):
             registry.register(collector)
     registry.register(StateCollector(app))
+    from app.hooks import BacklogCollector
+
+    registry.register(BacklogCollector(app))
     return registry
 
 
