@@ -1,0 +1,64 @@
+"""The Prometheus rules in deploy/prometheus parse, pass their unit tests, and name real metrics."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from app import metrics
+from tests.support import ROOT
+
+RULES = ROOT / "deploy" / "prometheus" / "voice-rules.yml"
+RULE_TESTS = ROOT / "deploy" / "prometheus" / "tests" / "voice-rules.test.yml"
+
+
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if not found:
+        pytest.fail("promtool is missing: scripts/test.sh installs Debian's prometheus package")
+    return found
+
+
+def test_promtool_checks_the_rules_and_the_example_config() -> None:
+    done = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = subprocess.run([promtool(), "check", "config", str(RULES.parent / "prometheus.yml")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_promtool_unit_tests_pass() -> None:
+    done = subprocess.run([promtool(), "test", "rules", str(RULE_TESTS)], capture_output=True, text=True,
+                          timeout=120, cwd=RULE_TESTS.parent)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
+
+
+def exported_names() -> set[str]:
+    """Every sample name the service's processes serve, as prometheus_client writes them."""
+    names = {metrics.SOURCE_UP, *(name for name, *_ in metrics.STATE_GAUGES)}
+    for metric in (metrics.WEBHOOKS, metrics.ACK_SECONDS, metrics.EVENTS, metrics.EVENT_LAG, metrics.UNKNOWN_AT_VALUES):
+        for family in metric.collect():  # a labelled metric has no sample until first used: name them
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}[family.type]
+            names.update(family.name + suffix for suffix in suffixes)
+    return names
+
+
+def test_every_alert_names_a_metric_the_service_exports() -> None:
+    """An alert on a metric nobody serves never fires; only recorded series and up may be added."""
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    recorded = {rule["record"] for group in groups for rule in group["rules"] if "record" in rule}
+    used = set()
+    for group in groups:
+        for rule in group["rules"]:
+            used.update(re.findall(r"\b(voice_[a-z_]+)", rule["expr"]))
+    assert used, "the rules name no voice_ metric"
+    assert used <= exported_names(), used - exported_names()
+    alerts = [rule for group in groups for rule in group["rules"] if "alert" in rule]
+    for alert in alerts:
+        for name in re.findall(r"\b(voice:[a-z_0-9:]+)", alert["expr"]):
+            assert name in recorded, (alert["alert"], name)
