@@ -28,6 +28,13 @@ def on_starting(server):
     prune_dead_process_files()
 
 
+def post_fork(server, worker):
+    """Each web process reports its own resident memory (voice_process_resident_memory_bytes)."""
+    from app.metrics import track_process_memory
+
+    track_process_memory("web")
+
+
 def child_exit(server, worker):
     """Drop a dead worker's live metric files (prometheus_client multiprocess mode)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import structlog
 from flask import Flask
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import REGISTRY as PROCESS_REGISTRY
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -46,6 +48,46 @@ EVENT_LAG = Histogram(
     "Time from the webhook's arrival to the commit of its event.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+
+
+# One series per live process (the scrape adds a pid label in multiprocess mode): a process that
+# grows shows as itself, not hidden in a sum.
+PROCESS_MEMORY = Gauge("voice_process_resident_memory_bytes", "Resident memory of each web and worker process.",
+                       ["role"], multiprocess_mode="liveall")
+PROCESS_MEMORY_INTERVAL_SECONDS = 5.0
+_memory_tracked_in: int | None = None  # the pid whose thread runs: a forked child starts its own
+
+
+def track_process_memory(role: str) -> None:
+    """Report this process's resident memory every few seconds, from a daemon thread."""
+    global _memory_tracked_in
+    if _memory_tracked_in == os.getpid():
+        return
+    _memory_tracked_in = os.getpid()
+    gauge = PROCESS_MEMORY.labels(role=role)
+
+    def report() -> None:
+        while True:
+            gauge.set(_resident_bytes())
+            time.sleep(PROCESS_MEMORY_INTERVAL_SECONDS)
+
+    threading.Thread(target=report, name="voice-process-memory", daemon=True).start()
+
+
+def _resident_bytes() -> float:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):  # not Linux: report nothing rather than a wrong figure
+        return 0.0
+    return float(pages * os.sysconf("SC_PAGE_SIZE"))
+
+
+def forget_process(pid: int) -> None:
+    """Drop a process's live gauge files when it exits, so its memory series ends with it."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
 
 
 def observe_webhook(outcome: str, reason: str, seconds: float) -> None:
