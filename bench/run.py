@@ -40,6 +40,14 @@ from tests.support import PostgresServer, RedisServer, free_port, wait_for
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
+_STARTED = time.monotonic()
+
+
+def step(message: str) -> None:
+    """Progress on stderr as the run goes (a full run takes minutes); the report goes to stdout."""
+    print(f"[bench {time.monotonic() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
 GOALS = {"ack_throughput_ratio": 0.75, "ack_p99_ms_at_half": 10.0, "ack_p99_ratio_at_80": 3.0,
          "processing_ratio": 0.6, "duplicate_ratio": 5.0, "peak_rss_mb": 80.0}
 
@@ -123,8 +131,9 @@ def measure_ack(procs: Processes, tiny: bool) -> dict[str, Any]:
         wait_for(lambda port=port: _answers(port), timeout=30)
         wrk(port, 1, 16)  # warm up
     turns: dict[str, list[float]] = {"webhook": [], "bare": []}
-    for _ in range(rounds):
+    for turn in range(rounds):
         for name, (port, _process) in servers.items():
+            step(f"ack: closed-loop turn {turn + 1}/{rounds}, {name}")
             turns[name].append(wrk(port, seconds, 32))
     for name, rates in turns.items():
         results[f"{name}_rps"] = statistics.median(rates)
@@ -133,6 +142,7 @@ def measure_ack(procs: Processes, tiny: bool) -> dict[str, Any]:
     for share in (0.5, 0.8):
         rate = max(20.0, results["webhook_rps"] * share)
         for name, (port, _process) in servers.items():
+            step(f"ack: open loop at {int(share * 100)}% ({rate:.0f} req/s), {name}")
             results[f"{name}_open_{int(share * 100)}"] = open_loop(port, rate, 2 if tiny else 10, body_for)
     results["web_worker_peak_rss_mb"] = max(peak_rss_mb(pid) for pid in children(servers["webhook"][1].pid))
     results["bare_worker_peak_rss_mb"] = max(peak_rss_mb(pid) for pid in children(servers["bare"][1].pid))
@@ -190,6 +200,7 @@ def worker_rate(procs: Processes, settings: Settings, batch: list[Event], concur
 def measure_processing(procs: Processes, settings: Settings, tiny: bool) -> dict[str, Any]:
     n = 200 if tiny else 3000
     results: dict[str, Any] = {"events": n}
+    step(f"processing, {settings.database_url.split(':', 1)[0]}: plain loop, then workers ({n} events a run)")
     results["plain_loop_eps"] = round(plain_loop_rate(settings, events(n, f"plain{time.time_ns()}")), 1)
     fresh = events(n, f"new{time.time_ns()}")
     rate, rss = worker_rate(procs, settings, fresh, 1)
@@ -197,6 +208,7 @@ def measure_processing(procs: Processes, settings: Settings, tiny: bool) -> dict
     results["worker_process_peak_rss_mb"] = rss
     results["duplicate_eps"] = round(worker_rate(procs, settings, fresh, 1)[0], 1)  # the same events again
     for concurrency in (1, 2, 4):
+        step(f"processing: scaling with {concurrency} worker process(es)")
         results[f"scaling_eps_{concurrency}"] = round(
             worker_rate(procs, settings, events(n, f"scale{concurrency}_{time.time_ns()}"), concurrency)[0], 1)
     return results
@@ -301,6 +313,7 @@ def main() -> int:
         for url in databases.values():
             migrate(url, redis_server.url)
         procs.env["DATABASE_URL"] = databases["sqlite"]
+        step("acknowledgement: gunicorn serving the webhook and a bare Flask endpoint")
         ack = measure_ack(procs, args.tiny)
         redis.Redis.from_url(redis_server.url).flushdb()
         processing = {}

@@ -26,3 +26,4 @@ def test_bench_runs_on_a_tiny_load(tmp_path: Path) -> None:
         assert report["processing"][database]["duplicate_eps"] > 0
     assert (tmp_path / result.name.replace(".json", ".png")).stat().st_size > 1000
     assert "| ack throughput ratio" in (tmp_path / result.name.replace(".json", ".md")).read_text()
+    assert "] processing: scaling with 4 worker process(es)" in done.stderr  # progress while it runs
