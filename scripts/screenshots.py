@@ -71,11 +71,11 @@ def main() -> int:
         seed = 0
         while time.monotonic() < deadline:
             seed += 1
-            report = simulate(url, calls=20 + 10 * (seed % 4), participants=3, duplicates=0.3, seed=seed,
+            report = simulate(url, calls=10 + 5 * (seed % 4), participants=3, duplicates=0.3, seed=seed,
                               concurrency=2, prefix="ATVoice_shot")
             print(f"batch {seed}: {report.summary()}", file=sys.stderr)
             time.sleep(1)  # a steady, moderate load (the machine may be shared), with some shape to it
-        stack.wait_until_idle()
+        stack.wait_until_idle(timeout=600)  # the worker catches up with what the load left
         time.sleep(5)  # two more scrapes, so the graphs show the load ending
         args.out.mkdir(parents=True, exist_ok=True)
         for name, expr in SHOTS.items():
