@@ -148,14 +148,15 @@ def test_every_dashboard_query_returns_data(observed: tuple) -> None:
 
 def test_state_gauges_stay_with_their_source_down_and_the_companion_alert_fires(observed: tuple) -> None:
     _, prometheus, postgres = observed
-    source_up = 'min(voice_gauge_source_up{gauge="voice_dead_letters"})'
-    wait_for(lambda: prometheus.value(source_up) == 1, timeout=30, interval=0.5)
+    # Both jobs have read the gauge at least once (a process that never could has no last value).
+    both_read = 'count(voice_gauge_source_up{gauge="voice_dead_letters"} == 1)'
+    wait_for(lambda: prometheus.value(both_read) == 2, timeout=30, interval=0.5)
     postgres.stop("immediate")
     try:
         _gauge_stays(prometheus)
     finally:
         postgres.start()
-    wait_for(lambda: prometheus.value(source_up) == 1, timeout=30, interval=0.5)
+    wait_for(lambda: prometheus.value(both_read) == 2, timeout=30, interval=0.5)
 
 
 def _gauge_stays(prometheus: Prometheus) -> None:
@@ -163,8 +164,11 @@ def _gauge_stays(prometheus: Prometheus) -> None:
     wait_for(lambda: [r["value"][1] for r in prometheus.query(down)] == ["0", "0"], timeout=30, interval=0.5)
     # The series is still there on both jobs, at the last value read (no dead letters: 0)...
     values = {r["metric"]["job"]: r["value"][1] for r in prometheus.query("voice_dead_letters")}
+    print(f"\ndatabase stopped: {down} = {[(r['metric']['job'], r['value'][1]) for r in prometheus.query(down)]}; "
+          f"voice_dead_letters = {values}")
     assert values == {"voice-web": "0", "voice-worker": "0"}
     # ...and the companion alert says the value is stale.
     firing = wait_for(lambda: prometheus.firing("VoiceGaugeSourceDown"), timeout=30, interval=0.5)
     assert {alert["labels"]["gauge"] for alert in firing} == {"voice_dead_letters"}
+    print(f"VoiceGaugeSourceDown firing: {[(a['labels']['gauge'], a['activeAt']) for a in firing]}")
     assert prometheus.alerts("VoiceDeadLettersGaugeAbsent") == []
