@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
@@ -171,13 +172,13 @@ class Probe:
     seconds: list[float] = field(default_factory=list)
     failures: int = 0
 
-    def timed(self, call: object) -> None:
+    def timed(self, call: Callable[[], tuple[int, bytes]]) -> None:
         started = time.perf_counter()
         try:
-            status, _ = call()  # type: ignore[operator]
+            status, _ = call()
             if status != 200:
                 self.failures += 1
-        except OSError:
+        except (OSError, http.client.HTTPException):
             self.failures += 1
         self.seconds.append(time.perf_counter() - started)
 

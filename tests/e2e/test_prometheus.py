@@ -40,8 +40,8 @@ class Stream:
                              {"Content-Type": "application/x-www-form-urlencoded"})
                 if conn.getresponse().status == 200:
                     self.accepted += 1
-            except OSError:
-                pass
+            except (OSError, http.client.HTTPException):
+                pass  # a refused or dropped request is not counted; the stream goes on
             finally:
                 conn.close()
             n += 1
