@@ -7,6 +7,7 @@ dedup claim plus the database fingerprint make it exactly once in effect.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from celery import Celery, Task, signals
@@ -147,6 +148,15 @@ def celery_init_app(app: Flask) -> Celery:
     @signals.worker_ready.connect(weak=False)
     def _metrics_port(**_kwargs: Any) -> None:
         metrics.serve_worker_metrics(app, settings.worker_metrics_port)
+        metrics.track_process_memory("worker")  # the main process: it fetches and acknowledges
+
+    @signals.worker_process_init.connect(weak=False)
+    def _pool_process_memory(**_kwargs: Any) -> None:
+        metrics.track_process_memory("worker")
+
+    @signals.worker_process_shutdown.connect(weak=False)
+    def _pool_process_gone(pid: int | None = None, **_kwargs: Any) -> None:
+        metrics.forget_process(pid or os.getpid())
 
     celery_app = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object(app.config["CELERY"])

@@ -4,9 +4,11 @@ Each change moves its recording to a new *position*, taken inside the writing tr
 
 - PostgreSQL: the transaction's own id (``pg_current_xact_id()``, an ``xid8`` that never wraps).
   Ids are handed out in one order and committed in another, so a reader passes only positions
-  below its snapshot's horizon (``pg_snapshot_xmin``: the oldest transaction still running). Any
-  transaction that commits later has an id at or above that horizon, so nothing can ever appear
-  behind a cursor the feed has given out. A long transaction holds the feed back; it loses nothing.
+  below its snapshot's horizon: the oldest transaction its snapshot saw running, leaving out those
+  known to belong to another database (ids are shared by the whole server, but another database's
+  transaction cannot write this one's recordings). Any transaction that commits later has an id at
+  or above that horizon, so nothing can ever appear behind a cursor the feed has given out. A long
+  transaction in this database holds the feed back; it loses nothing.
 - SQLite: one writer at a time (BEGIN IMMEDIATE), so a counter taken under that lock commits in
   the order it is taken, and every committed position is safe to pass.
 
@@ -21,7 +23,7 @@ import binascii
 import json
 from typing import Any
 
-from sqlalchemy import BigInteger, Text, cast, func, select, tuple_
+from sqlalchemy import BigInteger, Text, cast, func, literal_column, select, tuple_
 from sqlalchemy.orm import Session, selectinload
 
 from app.errors import BadRequest
@@ -57,12 +59,21 @@ def read_changes(session: Session, after: Position, limit: int) -> list[tuple[Po
     query = select(VoiceRecording).options(selectinload(VoiceRecording.participants))
     query = query.where(tuple_(VoiceRecording.change_position, VoiceRecording.id) > tuple_(*after))
     if postgresql:
-        horizon = cast(cast(func.pg_snapshot_xmin(func.pg_current_snapshot()), Text), BigInteger)
-        query = query.where(VoiceRecording.change_position < horizon)
+        query = query.where(VoiceRecording.change_position < literal_column(_HORIZON))
     query = query.order_by(VoiceRecording.change_position, VoiceRecording.id).limit(limit)
     page = [((r.change_position, r.id), recording_view(r)) for r in session.scalars(query)]
     session.rollback()  # ends the read's snapshot; nothing was written
     return page
+
+
+# The oldest transaction running in this snapshot that may be this database's (one whose id shows
+# in pg_stat_activity under another database cannot be; one that ended since the snapshot is
+# counted, to be safe); with none, the snapshot's xmax.
+_HORIZON = """(COALESCE(
+  (SELECT min(running) FROM pg_snapshot_xip(pg_current_snapshot()) AS running
+   WHERE running::xid NOT IN (SELECT backend_xid FROM pg_stat_activity
+                              WHERE backend_xid IS NOT NULL AND datname IS DISTINCT FROM current_database())),
+  pg_snapshot_xmax(pg_current_snapshot()))::text::bigint)"""
 
 
 def encode_cursor(position: Position) -> str:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import click
 from flask import current_app
@@ -16,7 +20,7 @@ from app.models import DeadLetter
 from app.publish import resend_due
 from app.queues import REPLAY_QUEUE
 from app.retention import prune
-from app.simulator import simulate
+from app.simulator import Reader, simulate, table, verify
 from app.timeutil import to_rfc3339
 from config import ConfigError, check_retention_days
 
@@ -81,20 +85,65 @@ def replay_command(letter_ids: tuple[int, ...], replay_all: bool) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1, 256))
 @click.option("--expected", "show_expected", is_flag=True, help="Also print what each recording should become.")
+@click.option("--verify", "check", is_flag=True,
+              help="Once the queue drains, read every recording back (needs --api-key) and print a pass/fail table.")
+@click.option("--api-key", default=None, envvar="VOICE_API_KEY", help="Bearer key for the read API (or VOICE_API_KEY).")
+@click.option("--api-url", default=None, help="Base URL of the read API, if not the webhook URL's host.")
+@click.option("--verify-timeout", default=300.0, show_default=True, type=click.FloatRange(1, 86400),
+              help="Seconds to wait for every recording to hold what was sent.")
 def simulate_command(url: str, calls: int, participants: int, duplicates: float, secret: str | None,
-                     token: str | None, seed: int, concurrency: int, show_expected: bool) -> None:
-    """Play realistic Africa's Talking call sequences against a deployment."""
+                     token: str | None, seed: int, concurrency: int, show_expected: bool, check: bool,
+                     api_key: str | None, api_url: str | None, verify_timeout: float) -> None:
+    """Play realistic Africa's Talking call sequences against a deployment (progress on stderr)."""
     if secret and token:
         raise click.UsageError("give --secret or --token, not both")
-    report = simulate(url, calls, participants, duplicates, secret=secret, token=token, seed=seed,
-                      concurrency=concurrency,
-                      signature_header=current_app.extensions["settings"].webhook_signature_header)
+    if check and not api_key:
+        raise click.UsageError("--verify reads the recordings back through the read API: give --api-key")
+    try:
+        reader = Reader(url, api_key, api_url) if check and api_key else None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    with progress_bar(calls, "calls sent") as advance:
+        report = simulate(url, calls, participants, duplicates, secret=secret, token=token, seed=seed,
+                          concurrency=concurrency,
+                          signature_header=current_app.extensions["settings"].webhook_signature_header,
+                          progress=advance)
     summary = report.summary()
     if show_expected:
         summary["expected"] = report.expected
+    failed = bool(report.failed_requests)
+    if reader is not None:
+        click.echo(f"reading {len(report.expected)} recording(s) back once the queue drains…", err=True)
+        try:
+            checks = verify(reader, report.expected, timeout=verify_timeout, concurrency=concurrency)
+        except (OSError, PermissionError) as exc:
+            raise click.ClickException(f"--verify could not read the recordings: {exc}") from None
+        click.echo(table(checks))
+        passed = sum(c.ok for c in checks)
+        summary["verified"] = {"passed": passed, "failed": len(checks) - passed}
+        failed = failed or passed != len(checks)
     click.echo(json.dumps(summary))
-    if report.failed_requests:
+    if failed:
         raise SystemExit(1)
+
+
+@contextmanager
+def progress_bar(total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """Progress on stderr: click's bar on a terminal; elsewhere (a CI log) a line every 10% or 10 s."""
+    if sys.stderr.isatty():
+        with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+            yield bar.update
+        return
+    done, shown, last = 0, 0, time.monotonic()
+
+    def advance(n: int) -> None:
+        nonlocal done, shown, last
+        done += n
+        if done == total or done - shown >= max(1, total // 10) or time.monotonic() - last >= 10:
+            click.echo(f"{label}: {done}/{total}", err=True)
+            shown, last = done, time.monotonic()
+
+    yield advance
 
 
 @voice.command("sweep")

@@ -12,15 +12,12 @@ set or changes, through an outbox.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import redis
 import structlog
-from flask import Flask, current_app, has_app_context
+from flask import current_app, has_app_context
 from kombu.exceptions import OperationalError as KombuOperationalError
 from prometheus_client import Counter
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -116,21 +113,3 @@ def backlog(session: Session) -> int:
     count = session.scalar(select(func.count()).select_from(HookOutbox))
     session.rollback()
     return int(count or 0)
-
-
-class BacklogCollector(Collector):
-    """``voice_hook_backlog``: hook sends committed and not yet accepted by the broker."""
-
-    def __init__(self, app: Flask) -> None:
-        self.app = app
-
-    def collect(self) -> Iterator[Metric]:
-        from app.extensions import db
-
-        with self.app.app_context():
-            try:
-                value = backlog(db.session)
-            except Exception as exc:  # the database is down: leave the gauge out of this scrape
-                log.warning("metrics_gauge_failed", metric="voice_hook_backlog", error_type=type(exc).__name__)
-                return
-            yield GaugeMetricFamily("voice_hook_backlog", "Ready-hook sends waiting in the outbox.", value=value)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -21,7 +22,7 @@ from app.events import Event
 from app.extensions import db
 from config import Settings
 from tests.conftest import API_KEY
-from tests.support import wait_for
+from tests.support import PG_ADMIN_DSN, wait_for
 
 T0 = datetime(2026, 3, 6, 14, 0, tzinfo=UTC)
 P1, P2 = "+254712345678", "+254787654321"
@@ -247,6 +248,20 @@ def test_a_change_that_commits_after_a_later_one_is_not_missed(
     expected = {"A": get(client, "A"), "B": get(client, "B")}
     consumer.follow_until(lambda: set(consumer.state) == {"A", "B"}, timeout=10)
     assert consumer.state == expected
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_transaction_open_in_another_database_does_not_hold_the_feed_back(
+    app: Flask, client: FlaskClient, auth: dict
+) -> None:
+    """Transaction ids are shared by the whole server; only this database's writers matter."""
+    with psycopg.connect(PG_ADMIN_DSN) as elsewhere:  # the server's `test` database, not the service's
+        elsewhere.execute("SELECT pg_current_xact_id()")  # holds an id, uncommitted, for the block
+        apply(app, ev("R", "busy", P1), 1)
+        items = client.get(FEED, headers=auth).get_json()["changes"]
+        assert [item["recording"]["recording_id"] for item in items] == ["R"]
+        elsewhere.rollback()
 
 
 @pytest.mark.parametrize("path", ["/api/v1/voice/recordings", FEED])
