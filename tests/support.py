@@ -17,10 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 import redis
 
 PG_ADMIN_DSN = os.environ.get("TEST_PG_ADMIN_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# For a test that takes the ``database_url`` fixture but whose outcome no query decides
+# (authentication, validation, Redis only): run it once, on the default SQLite, not once per database.
+sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 
 def free_port() -> int:
