@@ -315,6 +315,9 @@ class PostgresServer:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             wait_for(lambda: pid not in descendants(os.getpid()), timeout=10)
+        if pid is not None:  # adopted when pg_ctl exited (see adopt_orphans): reap it, no Popen will
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
