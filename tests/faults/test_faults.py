@@ -92,3 +92,16 @@ def test_rolling_restart_of_web_and_worker(tmp_path: Path) -> None:
     assert tally.notes["answered_5xx"] == 0
     assert tally.notes["refused_while_web_restarted"] > 0, tally  # the web went away under load
     assert tally.notes["accepted_while_worker_restarted"] > 0, tally  # events came while no worker ran
+
+
+@pytest.mark.timeout(TIME_LIMITS["out-of-order"])
+def test_a_later_copy_applied_first_keeps_the_first_arrival(tmp_path: Path) -> None:
+    tally = scenarios.copies_out_of_order(tmp_path)
+    check(tally)
+    notes = tally.notes
+    assert notes["answers"] == {"200": 2 * tally.sent}
+    assert notes["messages_reversed"] == 2 * tally.sent  # every copy was waiting, in reverse order
+    assert notes["events_not_at_first_arrival"] == 0, notes["mistimed_examples"]
+    assert notes["recordings_not_in_arrival_state"] == 0, notes["mismatched_examples"]
+    assert notes["recordings_checked"] == notes["recordings"]
+    assert notes["recordings_order_unsure"] == 0  # posted one at a time: every order is known
