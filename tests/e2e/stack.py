@@ -22,6 +22,9 @@ BIN = Path(sys.executable).parent
 class Stack:
     """web + worker processes, started from the Procfile's commands with a test's settings."""
 
+    # How long a process may take to be ready, on a machine whose cores other work keeps busy.
+    READY_TIMEOUT = 60
+
     def __init__(self, workdir: Path, database_url: str, worker_concurrency: int = 2, workers: int = 1,
                  beat: bool = False, persistent_redis: bool = False, **env: str) -> None:
         self.workdir = workdir
@@ -53,9 +56,6 @@ class Stack:
             **self.extra_env,
         }
 
-    # How long a process may take to be ready, on a machine whose cores other work keeps busy.
-    READY_TIMEOUT = 60
-
     def start(self) -> Stack:
         """Every process started and ready: the web answers /readyz, each worker has said it is
         ready (it consumes its queues), beat has started its schedule."""
@@ -80,8 +80,7 @@ class Stack:
         text = self.log(name)[since:]
         if name == "beat":
             return "beat: Starting..." in text
-        return f"{name}-{self.port}@" in text and any(
-            f"{name}-{self.port}@" in line and " ready." in line for line in text.splitlines())
+        return any(f"{name}-{self.port}@" in line and " ready." in line for line in text.splitlines())
 
     def wait_ready(self, name: str) -> None:
         """Until the process ``name`` is ready since it was last started."""
