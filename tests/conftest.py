@@ -16,9 +16,21 @@ from app import create_app
 from app.extensions import db
 from app.models import DeadLetter, HookOutbox, Participant, VoiceRecording, WebhookEvent
 from config import Settings, key_digest
-from tests.support import RedisServer, pg_database
+from tests.support import RedisServer, adopt_orphans, leftovers, pg_database
 
 API_KEY = "test-api-key"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    """Fails the session when a process, folder, database, RabbitMQ vhost or network namespace the
+    suite made is still there at its end. Set up first, so it looks after every other fixture's
+    teardown; it looks only at what this test process made, not at other suites on the machine."""
+    adopt_orphans()
+    yield
+    found = leftovers()
+    if found:
+        pytest.fail("the suite left behind:\n" + "\n".join(found), pytrace=False)
 
 
 def migrate(database_url: str, redis_url: str) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -15,10 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 import redis
 
 PG_ADMIN_DSN = os.environ.get("TEST_PG_ADMIN_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# For a test that takes the ``database_url`` fixture but whose outcome no query decides
+# (authentication, validation, Redis only): run it once, on the default SQLite, not once per database.
+sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 
 def free_port() -> int:
@@ -40,6 +48,136 @@ def wait_for(check: Callable[[], Any], timeout: float = 20.0, interval: float = 
             last_error = exc
         time.sleep(interval)
     raise TimeoutError(f"gave up after {timeout}s; last error: {last_error!r}")
+
+
+# --- what the suite made, so that the session can check it left nothing behind -----------------
+
+# Names of what this test process made on shared servers or in the system's folders, recorded as
+# they are made: the end-of-session check looks at these only, never at what other suites running
+# on the same machine made.
+MADE: dict[str, set[str]] = {"folder": set(), "database": set(), "vhost": set(), "netns": set()}
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def made(kind: str, name: str) -> str:
+    """Record something the suite made (a folder, database, vhost or network namespace)."""
+    MADE[kind].add(name)
+    return name
+
+
+def adopt_orphans() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux), so that a server that
+    outlives the program that started it (pg_ctl's postgres, a benchmark's servers) still shows up
+    as a descendant of the suite at the end."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _processes() -> dict[int, tuple[int, int, str]]:
+    """Every live process: pid -> (parent pid, process group, command line). Zombies (exited,
+    not yet reaped) are left out: they hold no resources but their pid."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # it exited while we looked
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # the name in parentheses may hold spaces
+        if fields[0] in {"Z", "X"}:
+            continue
+        found[int(entry.name)] = (int(fields[1]), int(fields[2]), cmdline)
+    return found
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes in a process group."""
+    return [pid for pid, (_ppid, group, _cmd) in _processes().items() if group == pgid]
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Live descendants of a process: pid -> command line."""
+    processes = _processes()
+    children: dict[int, list[int]] = {}
+    for child, (parent, _group, _cmd) in processes.items():
+        children.setdefault(parent, []).append(child)
+    found, todo = {}, list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found[child] = processes[child][2]
+        todo.extend(children.get(child, []))
+    return found
+
+
+def spawn(argv: list[str], log: Path | None = None, **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Start a program in a process group of its own, so that it can be stopped with its children."""
+    output = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - the process owns it
+    try:
+        return subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+    finally:
+        if log is not None:
+            output.close()
+
+
+def _signal_groups(groups: set[int], sig: int) -> None:
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+
+
+def stop_group(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30,
+               tree: bool = False) -> None:
+    """Signal a process's group and wait until no process of it is left; SIGKILL what outlives
+    ``timeout``. Waiting for the leader alone is not enough: Celery's pool processes, for one, may
+    outlive their parent. ``tree`` also stops descendants that made groups of their own (a
+    program that starts servers in sessions of their own)."""
+    groups = {process.pid}
+    if tree:
+        processes = _processes()
+        groups |= {processes[pid][1] for pid in descendants(process.pid) if pid in processes}
+    groups.discard(os.getpgid(0))  # never this test process's own group
+
+    def gone() -> bool:
+        return process.poll() is not None and not any(group_members(pgid) for pgid in groups)
+
+    _signal_groups(groups, sig)
+    try:
+        wait_for(gone, timeout=timeout, interval=0.05)
+    except TimeoutError:
+        _signal_groups(groups, signal.SIGKILL)
+        wait_for(gone, timeout=10, interval=0.05)
+
+
+def leftovers(timeout: float = 10) -> list[str]:
+    """What the suite made and did not remove: live descendants of this process, and recorded
+    folders, databases, vhosts and network namespaces that still exist. Waits up to ``timeout``
+    for what is still going away (a server finishing its shutdown)."""
+
+    def look() -> list[str]:
+        found = [f"process {pid}: {cmd[:200]}" for pid, cmd in descendants(os.getpid()).items()]
+        found += [f"folder {path}" for path in sorted(MADE["folder"]) if Path(path).exists()]
+        found += [f"network namespace {name}" for name in sorted(MADE["netns"])
+                  if Path("/run/netns", name).exists()]
+        if MADE["database"]:
+            with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+                rows = conn.execute("SELECT datname FROM pg_database WHERE datname = ANY(%s)",
+                                    [sorted(MADE["database"])]).fetchall()
+            found += [f"database {name}" for (name,) in rows]
+        if MADE["vhost"]:
+            listed = subprocess.run([_rabbitmqctl(), "list_vhosts", "--quiet", "--no-table-headers", "name"],
+                                    capture_output=True, text=True, timeout=60)
+            found += [f"RabbitMQ vhost {name}" for name in sorted(MADE["vhost"] & set(listed.stdout.split()))]
+        return found
+
+    deadline = time.monotonic() + timeout
+    while (found := look()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return found
 
 
 def redis_server_binary() -> str:
@@ -75,20 +213,29 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(port=self.port)
-        wait_for(client.ping, timeout=10)
-        client.close()
+        try:
+            wait_for(client.ping, timeout=10)
+        except TimeoutError:
+            self.stop()  # a server that never answered is still a process to end
+            raise
+        finally:
+            client.close()
         return self
 
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
-            self.process.wait(timeout=10)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
             self.process = None
 
 
 def create_pg_database(prefix: str = "voice_test") -> str:
     """A new, empty database on the machine's PostgreSQL; returns its SQLAlchemy URL."""
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    name = made("database", f"{prefix}_{uuid.uuid4().hex[:10]}")
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
@@ -126,7 +273,7 @@ class PostgresServer:
 
     def __init__(self) -> None:
         self.port = free_port()
-        self.workdir = Path(tempfile.mkdtemp(prefix="voice-pg-"))
+        self.workdir = Path(made("folder", tempfile.mkdtemp(prefix="voice-pg-")))
         self.datadir = self.workdir / "data"
         self.as_root = os.geteuid() == 0
 
@@ -155,29 +302,46 @@ class PostgresServer:
         with contextlib.suppress(subprocess.CalledProcessError):
             self._run(postgres_bin("pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop")
 
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self.datadir / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
     def remove(self) -> None:
+        pid = self.postmaster_pid()
         self.stop("immediate")
+        if pid is not None and pid in descendants(os.getpid()):  # pg_ctl could not stop it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: pid not in descendants(os.getpid()), timeout=10)
+        if pid is not None:  # adopted when pg_ctl exited (see adopt_orphans): reap it, no Popen will
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def rabbitmq_vhost() -> Iterator[str]:
     """A virtual host of the test's own on the machine's RabbitMQ; its queues go with it."""
-    name = f"voice-test-{uuid.uuid4().hex[:10]}"
-    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    name = made("vhost", f"voice-test-{uuid.uuid4().hex[:10]}")
+    ctl = _rabbitmqctl()
     subprocess.run([ctl, "add_vhost", name], check=True, capture_output=True, timeout=60)
-    subprocess.run([ctl, "set_permissions", "-p", name, "guest", ".*", ".*", ".*"], check=True,
-                   capture_output=True, timeout=60)
     try:
+        subprocess.run([ctl, "set_permissions", "-p", name, "guest", ".*", ".*", ".*"], check=True,
+                       capture_output=True, timeout=60)
         yield f"amqp://guest:guest@127.0.0.1:5672/{name}"
     finally:
         subprocess.run([ctl, "delete_vhost", name], capture_output=True, timeout=60)
 
 
+def _rabbitmqctl() -> str:
+    return shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+
+
 def queued_on_rabbitmq(broker_url: str) -> int:
     """Messages ready or unacknowledged in every queue of a virtual host (the URL's path)."""
     vhost = broker_url.rsplit("/", 1)[1]
-    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    done = subprocess.run([ctl, "list_queues", "-p", vhost, "--quiet", "--no-table-headers", "name", "messages"],
-                          capture_output=True, text=True, check=True, timeout=60)
+    done = subprocess.run([_rabbitmqctl(), "list_queues", "-p", vhost, "--quiet", "--no-table-headers", "name",
+                           "messages"], capture_output=True, text=True, check=True, timeout=60)
     return sum(int(line.split()[1]) for line in done.stdout.splitlines() if line.strip())

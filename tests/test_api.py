@@ -1,4 +1,5 @@
-"""The read API: bearer keys, shapes, 404s, filters and cursor pagination, on both databases."""
+"""The read API: bearer keys, shapes, 404s, filters and cursor pagination; what a query decides on
+both databases, authentication and parameter checks once."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from app.domain import apply_event
 from app.events import Event
 from app.extensions import db
 from config import Settings
+from tests.support import sqlite_only
 
 T0 = datetime(2026, 3, 6, 14, 0, tzinfo=UTC)
 URL = "https://voice.africastalking.com/recordings/a1b2c3d4e5f6.mp3"
@@ -71,6 +73,7 @@ def test_unknown_recording_is_404(client: FlaskClient, auth: dict, path: str) ->
     assert response.get_json() == {"error": "recording not found"}
 
 
+@sqlite_only
 @pytest.mark.parametrize(
     "headers",
     [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic dGVzdA=="}, {"Authorization": "Bearer "}],
@@ -121,6 +124,7 @@ def test_list_filters(client: FlaskClient, app: Flask, auth: dict) -> None:
     assert ids() == ["S3", "S2", "S1", "S0"]
 
 
+@sqlite_only
 @pytest.mark.parametrize(
     ("query", "error"),
     [

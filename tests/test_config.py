@@ -76,12 +76,18 @@ def test_bad_settings_name_the_variable(env: dict, names: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "env",
+    ("env", "expected"),
     [
-        {"APP_ENV": "production", "WEBHOOK_TOKENS": "t"},
-        {"APP_ENV": "production", "WEBHOOK_SECRETS": "s"},
-        {"APP_ENV": "production", "WEBHOOK_AUTH": "none"},
+        ({"APP_ENV": "production", "WEBHOOK_TOKENS": "t"},
+         {"webhook_tokens": ("t",), "webhook_auth_configured": True}),
+        ({"APP_ENV": "production", "WEBHOOK_SECRETS": "s"},
+         {"webhook_secrets": ("s",), "webhook_auth_configured": True}),
+        ({"APP_ENV": "production", "WEBHOOK_AUTH": "none"},
+         {"webhook_auth": "none", "webhook_auth_configured": False}),
     ],
 )
-def test_production_starts_with_auth_or_an_explicit_none(env: dict) -> None:
-    assert Settings.from_env(env).app_env == "production"
+def test_production_starts_with_auth_or_an_explicit_none(env: dict, expected: dict) -> None:
+    """It starts, and with the authentication that let it start: the one the environment gave."""
+    settings = Settings.from_env(env)
+    assert settings.app_env == "production"
+    assert {name: getattr(settings, name) for name in expected} == expected

@@ -31,7 +31,7 @@ from app.publish import enqueue
 from app.publish import resend_due as sweep_pending
 from app.queues import REPLAY_QUEUE, WEBHOOK_QUEUE
 from config import Settings
-from tests.support import free_port
+from tests.support import free_port, sqlite_only
 
 T0 = datetime(2026, 3, 6, 14, 0, tzinfo=UTC)
 
@@ -54,6 +54,7 @@ def event_rows() -> int:
     return db.session.scalar(select(func.count()).select_from(WebhookEvent))
 
 
+@sqlite_only  # Redis only: no query runs
 def test_enqueue_holds_the_event_in_pending_and_in_the_queue(app: Flask) -> None:
     with app.app_context():
         env = envelope()
@@ -133,6 +134,7 @@ def test_an_earlier_copy_after_done_goes_to_the_database(app: Flask) -> None:
         assert db.session.get(VoiceRecording, "S").created_at == T0 + timedelta(seconds=10)
 
 
+@sqlite_only  # Redis only: no query runs
 def test_sweeper_resends_only_what_is_due(app: Flask) -> None:
     with app.app_context():
         client = app.extensions["redis"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from tests.support import ROOT, RedisServer, free_port, queued_on_rabbitmq, wait_for
+from tests.support import ROOT, RedisServer, free_port, queued_on_rabbitmq, spawn, stop_group, wait_for
 
 API_KEY = "e2e-api-key"
 BIN = Path(sys.executable).parent
@@ -20,6 +21,9 @@ BIN = Path(sys.executable).parent
 
 class Stack:
     """web + worker processes, started from the Procfile's commands with a test's settings."""
+
+    # How long a process may take to be ready, on a machine whose cores other work keeps busy.
+    READY_TIMEOUT = 60
 
     def __init__(self, workdir: Path, database_url: str, worker_concurrency: int = 2, workers: int = 1,
                  beat: bool = False, persistent_redis: bool = False, **env: str) -> None:
@@ -33,6 +37,7 @@ class Stack:
         self.extra_env = env
         self.metrics_port = free_port()
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._log_offsets: dict[str, int] = {}
 
     def env(self) -> dict[str, str]:
         metrics_dir = self.workdir / "metrics"
@@ -52,22 +57,48 @@ class Stack:
         }
 
     def start(self) -> Stack:
+        """Every process started and ready: the web answers /readyz, each worker has said it is
+        ready (it consumes its queues), beat has started its schedule."""
         self.redis.start()
         subprocess.run([str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"], cwd=ROOT, env=self.env(), check=True,
-                       capture_output=True)
-        self.start_web()
+                       capture_output=True, timeout=120)
+        self.start_web(wait=False)
         for name in self.worker_names:
-            self.start_worker(name)
+            self.start_worker(name, wait=False)
         if self.beat:
-            self.start_beat()
-        wait_for(lambda: self.get("/readyz")[0] == 200, timeout=30)
+            self.start_beat(wait=False)
+        wait_for(lambda: self.get("/readyz")[0] == 200, timeout=self.READY_TIMEOUT)
+        for name in self.processes:
+            self.wait_ready(name)
         return self
 
-    def _spawn(self, name: str, argv: list[str], **env: str) -> None:
-        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
-        self.processes[name] = subprocess.Popen(
-            argv, cwd=ROOT, env={**self.env(), **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    def _ready(self, name: str, since: int) -> bool:
+        """Whether a process is ready, from what it logged since it was started. A worker says
+        "<hostname> ready." only once its consumer is connected, so a task sent after it is taken."""
+        if name == "web":
+            return self.get("/healthz")[0] == 200
+        text = self.log(name)[since:]
+        if name == "beat":
+            return "beat: Starting..." in text
+        return any(f"{name}-{self.port}@" in line and " ready." in line for line in text.splitlines())
+
+    def wait_ready(self, name: str) -> None:
+        """Until the process ``name`` is ready since it was last started."""
+        process, since = self.processes[name], self._log_offsets[name]
+
+        try:
+            wait_for(lambda: process.poll() is not None or self._ready(name, since), timeout=self.READY_TIMEOUT,
+                     interval=0.1)
+        except TimeoutError as error:
+            raise TimeoutError(f"{name} not ready ({error}):\n{self.log(name)[since:][-3000:]}") from None
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.log(name)[since:][-3000:]}")
+
+    def _spawn(self, name: str, argv: list[str], wait: bool = False, **env: str) -> None:
+        self._log_offsets[name] = len(self.log(name))  # a restarted process appends to its log
+        self.processes[name] = spawn(argv, log=self.workdir / f"{name}.log", cwd=ROOT, env={**self.env(), **env})
+        if wait:
+            self.wait_ready(name)
 
     def role_metrics_dir(self, role: str) -> str:
         """Each role's own multiprocess folder, as the Procfile gives it: every series served once."""
@@ -75,21 +106,21 @@ class Stack:
         folder.mkdir(parents=True, exist_ok=True)
         return str(folder)
 
-    def start_web(self) -> None:
-        self._spawn("web", [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+    def start_web(self, wait: bool = True) -> None:
+        self._spawn("web", [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"], wait,
                     PROMETHEUS_MULTIPROC_DIR=self.role_metrics_dir("web"))
 
-    def start_worker(self, name: str = "worker") -> None:
+    def start_worker(self, name: str = "worker", wait: bool = True) -> None:
         self._spawn(name, [
             str(BIN / "celery"), "-A", "worker", "worker", "--loglevel=INFO",
             "--queues=voice-webhooks,voice-replays,voice-maintenance",
             f"--concurrency={self.worker_concurrency}", "--without-gossip", "--without-mingle",
             f"--hostname={name}-{self.port}@%h",
-        ], PROMETHEUS_MULTIPROC_DIR=self.role_metrics_dir("worker"))
+        ], wait, PROMETHEUS_MULTIPROC_DIR=self.role_metrics_dir("worker"))
 
-    def start_beat(self) -> None:
+    def start_beat(self, wait: bool = True) -> None:
         self._spawn("beat", [str(BIN / "celery"), "-A", "worker", "beat", "--loglevel=INFO",
-                             f"--schedule={self.workdir / 'celerybeat-schedule'}"])
+                             f"--schedule={self.workdir / 'celerybeat-schedule'}"], wait)
 
     def flask(self, *args: str) -> str:
         """Run a ``flask voice ...`` command against this stack; returns what it printed."""
@@ -100,20 +131,18 @@ class Stack:
         return done.stdout
 
     def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        """Signal the process's whole group and wait until every process of it is gone (SIGKILL
+        after ``timeout``)."""
         process = self.processes.pop(name, None)
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        if process is not None:
+            stop_group(process, sig, timeout)
 
     def stop(self) -> None:
-        for name in list(self.processes):
-            self.stop_process(name)
-        self.redis.stop()
+        """Every process and the Redis server, each also when stopping another one failed."""
+        with contextlib.ExitStack() as stops:
+            stops.callback(self.redis.stop)
+            for name in list(self.processes):
+                stops.callback(self.stop_process, name)
 
     def kill(self, name: str) -> None:
         """SIGKILL a process and its whole group: a crash, with no chance to clean up."""

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import urllib.error
 import urllib.request
 
 import pytest
 
+from tests.e2e.conftest import STACKS
 from tests.e2e.stack import Stack
-from tests.support import ROOT, free_port, wait_for
+from tests.support import ROOT, free_port, spawn, stop_group, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -34,12 +36,16 @@ def fetch(url: str, auth: str | None = None) -> tuple[int, bytes]:
         return error.code, b""
 
 
+# Flower reads the workers' events from the broker: one stack per broker; the database plays no part.
+BROKERS = [param for param in STACKS if param.id in {"sqlite-redis", "postgresql-rabbitmq"}]
+
+
+@pytest.mark.parametrize("stack", BROKERS, indirect=True)
 def test_flower_needs_basic_auth_and_sees_task_events(stack: Stack) -> None:
     port = free_port()
     env = {**stack.env(), "FLOWER_PORT": str(port), "FLOWER_BASIC_AUTH": "ops:flower-test-password",
            "PATH": f"{ROOT / '.venv' / 'bin'}:{stack.env()['PATH']}"}
-    flower = subprocess.Popen(["bash", "-c", procfile_command("flower")], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    flower = spawn(["bash", "-c", procfile_command("flower")], log=stack.workdir / "flower.log", cwd=ROOT, env=env)
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: fetch(base + "/healthcheck")[0] == 200, timeout=30)
@@ -57,12 +63,13 @@ def test_flower_needs_basic_auth_and_sees_task_events(stack: Stack) -> None:
 
         wait_for(task_seen, timeout=30, interval=0.5)
     finally:
-        flower.terminate()
-        flower.wait(timeout=10)
+        stop_group(flower, timeout=10)  # SIGKILL if it does not stop in time
 
 
-def test_flower_refuses_to_start_without_credentials(stack: Stack) -> None:
-    env = {k: v for k, v in stack.env().items() if k != "FLOWER_BASIC_AUTH"}
+def test_flower_refuses_to_start_without_credentials() -> None:
+    """No stack needed: the Procfile's command refuses before Flower starts."""
+    env = {**{k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"},
+           "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
     done = subprocess.run(["bash", "-c", procfile_command("flower")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=30)
     assert done.returncode != 0

@@ -153,10 +153,18 @@ def test_the_worker_consumes_from_the_configured_broker(stack: Stack) -> None:
 
 
 def test_worker_metrics_port(stack: Stack) -> None:
-    text = wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics",
-                                                   timeout=5).read().decode())
-    assert 'voice_events_total{outcome="applied"}' in text
-    assert "voice_queue_depth" in text
+    """The worker's own scrape endpoint counts the events it applied (one applied here, so the test
+    does not depend on another having run first)."""
+
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=5).read().decode()
+
+    before = _sample_of(scrape(), EVENTS_APPLIED)
+    session = unique("wm")
+    assert stack.post_form({"sessionId": session, "status": "busy"})[0] == 200
+    stack.wait_for_events(session, 1)
+    wait_for(lambda: _sample_of(scrape(), EVENTS_APPLIED) >= before + 1, timeout=10)
+    assert "voice_queue_depth" in scrape()
 
 
 def test_readiness_reports_every_dependency_with_latency(stack: Stack) -> None:
@@ -187,6 +195,10 @@ EVENTS_APPLIED = 'voice_events_total{outcome="applied"}'
 def _sample(stack: Stack, name: str) -> float:
     status, text = stack.get("/metrics")
     assert status == 200
+    return _sample_of(text, name)
+
+
+def _sample_of(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
