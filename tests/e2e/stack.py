@@ -22,9 +22,13 @@ class Stack:
     """web + worker processes, started from the Procfile's commands with a test's settings."""
 
     def __init__(self, workdir: Path, database_url: str, worker_concurrency: int = 2, workers: int = 1,
-                 beat: bool = False, persistent_redis: bool = False, **env: str) -> None:
+                 beat: bool = False, persistent_redis: bool = False, redis_url: str | None = None,
+                 **env: str) -> None:
         self.workdir = workdir
         self.redis = RedisServer(workdir / "redis", persistent=persistent_redis)
+        # A Redis the test runs itself (e.g. a Sentinel group): then self.redis is not started.
+        self.own_redis = redis_url is None
+        self.redis_url = redis_url or self.redis.url
         self.port = free_port()
         self.database_url = database_url
         self.worker_concurrency = worker_concurrency
@@ -40,7 +44,7 @@ class Stack:
         return {
             **os.environ,
             "DATABASE_URL": self.database_url,
-            "REDIS_URL": self.redis.url,
+            "REDIS_URL": self.redis_url,
             "API_KEYS": API_KEY,
             "LOG_FORMAT": "json",
             "PORT": str(self.port),
@@ -52,7 +56,8 @@ class Stack:
         }
 
     def start(self) -> Stack:
-        self.redis.start()
+        if self.own_redis:
+            self.redis.start()
         subprocess.run([str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"], cwd=ROOT, env=self.env(), check=True,
                        capture_output=True)
         self.start_web()
@@ -106,7 +111,8 @@ class Stack:
     def stop(self) -> None:
         for name in list(self.processes):
             self.stop_process(name)
-        self.redis.stop()
+        if self.own_redis:
+            self.redis.stop()
 
     def kill(self, name: str) -> None:
         """SIGKILL a process and its whole group: a crash, with no chance to clean up."""
