@@ -10,12 +10,16 @@ import argparse
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from tests.faults.rabbitmq import redis_down_on_rabbitmq
 from tests.faults.scenarios import SCENARIOS, Tally
+from tests.faults.sentinel import sentinel_failover
 
-SCENARIOS = {**SCENARIOS, "redis-down-rabbitmq": redis_down_on_rabbitmq}
+SCENARIOS = {**SCENARIOS, "redis-down-rabbitmq": redis_down_on_rabbitmq,
+             "sentinel-failover": partial(sentinel_failover, min_replicas=0),
+             "sentinel-failover-wait": partial(sentinel_failover, min_replicas=1)}
 
 
 def main() -> int:
