@@ -14,12 +14,15 @@ from functools import partial
 from pathlib import Path
 
 from tests.faults.rabbitmq import redis_down_on_rabbitmq
+from tests.faults.rabbitmq_restart import rabbitmq_restart
 from tests.faults.scenarios import SCENARIOS, Tally
 from tests.faults.sentinel import sentinel_failover
 
 SCENARIOS = {**SCENARIOS, "redis-down-rabbitmq": redis_down_on_rabbitmq,
              "sentinel-failover": partial(sentinel_failover, min_replicas=0),
-             "sentinel-failover-wait": partial(sentinel_failover, min_replicas=1)}
+             "sentinel-failover-wait": partial(sentinel_failover, min_replicas=1),
+             "rabbitmq-restart": partial(rabbitmq_restart, queue_type="classic"),
+             "rabbitmq-restart-quorum": partial(rabbitmq_restart, queue_type="quorum")}
 
 
 def main() -> int:
