@@ -10,7 +10,7 @@ import pytest
 
 from tests.faults.rabbitmq_restart import rabbitmq_restart
 
-pytestmark = [pytest.mark.faults, pytest.mark.postgres]
+pytestmark = pytest.mark.faults
 
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
