@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,11 +36,27 @@ RABBITMQ_BROKER = "amqp://guest:guest@127.0.0.1:5672/voice-unused"
 _ARG = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 
+def port_with_free_bus() -> int:
+    """A free port whose cluster bus port (the port + 10000, before Redis 7's --cluster-port) is
+    free and valid too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 @pytest.fixture(scope="module")
 def cluster_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    # The cluster bus port defaults to the port + 10000, which may be taken or past 65535.
     node = Node(Path(tmp_path_factory.mktemp("cluster")), "node", "--cluster-enabled", "yes",
-                "--cluster-config-file", "nodes.conf", "--cluster-port", str(free_port()))
+                "--cluster-config-file", "nodes.conf")
+    node.port = port_with_free_bus()
     try:
         node.start()
         client = node.client()
