@@ -13,6 +13,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from tests.faults.host_cut import host_cut_off
 from tests.faults.rabbitmq import redis_down_on_rabbitmq
 from tests.faults.rabbitmq_restart import rabbitmq_restart
 from tests.faults.scenarios import SCENARIOS, Tally
@@ -22,7 +23,8 @@ SCENARIOS = {**SCENARIOS, "redis-down-rabbitmq": redis_down_on_rabbitmq,
              "sentinel-failover": partial(sentinel_failover, min_replicas=0),
              "sentinel-failover-wait": partial(sentinel_failover, min_replicas=1),
              "rabbitmq-restart": partial(rabbitmq_restart, queue_type="classic"),
-             "rabbitmq-restart-quorum": partial(rabbitmq_restart, queue_type="quorum")}
+             "rabbitmq-restart-quorum": partial(rabbitmq_restart, queue_type="quorum"),
+             "host-cut-off": host_cut_off}
 
 
 def main() -> int:
