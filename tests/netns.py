@@ -53,9 +53,16 @@ class Hosts:
         self.subnet = _unrouted_subnet()
         self.hosts: list[Host] = []
         self.count = count
+        # One address of the machine that every host reaches (through its own link), for a server
+        # all hosts must name alike (a Redis master its replicas and sentinels agree on). It lives
+        # on the machine's loopback, labelled, in the suite's own unrouted subnet.
+        self.shared_address = str(ipaddress.IPv4Address(int(self.subnet.network_address) + 254))
+        self._shared_added = False
 
     def __enter__(self) -> Hosts:
         try:
+            _ip("addr", "add", f"{self.shared_address}/32", "dev", "lo", "label", f"lo:v{self.tag}")
+            self._shared_added = True
             base = int(self.subnet.network_address)
             for n in range(self.count):
                 namespace, outer, inner = f"voice-{self.tag}-{n}", f"vh{self.tag}{n}", f"vn{self.tag}{n}"
@@ -69,6 +76,7 @@ class Hosts:
                 _ip("-n", namespace, "addr", "add", f"{own}/30", "dev", inner)
                 _ip("-n", namespace, "link", "set", inner, "up")
                 _ip("-n", namespace, "link", "set", "lo", "up")
+                _ip("-n", namespace, "route", "add", f"{self.shared_address}/32", "via", str(server))
         except BaseException:
             self.remove()
             raise
@@ -89,6 +97,9 @@ class Hosts:
             _ip("link", "del", host.outer_link, check=False)  # takes its peer with it
             _ip("netns", "del", host.namespace, check=False)
         self.hosts = []
+        if self._shared_added:
+            _ip("addr", "del", f"{self.shared_address}/32", "dev", "lo", check=False)
+            self._shared_added = False
 
     def __exit__(self, *exc: object) -> None:
         self.remove()

@@ -16,6 +16,7 @@ from types import TracebackType
 
 import redis
 
+from tests.netns import Hosts
 from tests.support import free_port, redis_server_binary, wait_for
 
 MASTER_NAME = "voice-master"
@@ -28,17 +29,20 @@ FAILOVER_TIMEOUT_MS = 6000
 class Node:
     """One redis-server (a master, a replica or a sentinel) that can be killed."""
 
-    def __init__(self, workdir: Path, name: str, *args: str, config: str | None = None) -> None:
+    def __init__(self, workdir: Path, name: str, *args: str, config: str | None = None, host: str = "127.0.0.1",
+                 prefix: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.workdir = workdir / name
         self.name = name
         self.args = args
         self.config = config
+        self.host = host  # the address it listens on (and is reached by)
+        self.prefix = prefix  # e.g. ``ip netns exec <namespace>``: a server on a host of the test's own
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Node:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        argv = [redis_server_binary()]
+        argv = [*self.prefix, redis_server_binary()]
         if self.config is not None:  # a sentinel: it rewrites its own config file as it learns
             conf = self.workdir / "sentinel.conf"
             conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\n{self.config}")
@@ -46,7 +50,7 @@ class Node:
         else:
             # A replica's first sync starts at once (Redis waits 5 s by default for more replicas
             # to share a diskless transfer).
-            argv += ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            argv += ["--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
                      "--repl-diskless-sync-delay", "0", "--dir", str(self.workdir), *self.args]
         log = open(self.workdir / "server.log", "ab")  # noqa: SIM115 - the process owns it
         self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -54,7 +58,7 @@ class Node:
         return self
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=1)
+        return redis.Redis(host=self.host, port=self.port, socket_timeout=2, socket_connect_timeout=1)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -73,10 +77,23 @@ class Node:
 class ReplicatedRedis:
     """A master and ``replicas`` replicas, each replica in sync before the block starts."""
 
-    def __init__(self, workdir: Path, replicas: int = 1) -> None:
-        self.master = Node(workdir, "master")
-        self.replicas = [Node(workdir, f"replica{n}", "--replicaof", "127.0.0.1", str(self.master.port))
-                         for n in range(1, replicas + 1)]
+    def __init__(self, workdir: Path, replicas: int = 1, hosts: Hosts | None = None) -> None:
+        """With ``hosts``, replica n runs on host n (a network namespace, ``tests.netns``), so its
+        link can be cut; master and replicas then give up on a silent link after 2 s."""
+        self.monitored_address = "127.0.0.1"
+        if hosts is None:
+            self.master = Node(workdir, "master")
+            self.replicas = [Node(workdir, f"replica{n}", "--replicaof", "127.0.0.1", str(self.master.port))
+                             for n in range(1, replicas + 1)]
+        else:
+            timeouts = ("--repl-ping-replica-period", "1", "--repl-timeout", "2")
+            self.master = Node(workdir, "master", "--bind", "127.0.0.1", hosts.shared_address,
+                               "--protected-mode", "no", *timeouts)
+            self.monitored_address = hosts.shared_address  # one name the replicas and sentinels agree on
+            self.replicas = [Node(workdir, f"replica{n}", "--replicaof", hosts.shared_address, str(self.master.port),
+                                  "--protected-mode", "no", *timeouts, host=host.address,
+                                  prefix=tuple(host.command([])))
+                             for n, host in enumerate(hosts.hosts[:replicas], start=1)]
         self.nodes = [self.master, *self.replicas]
 
     @property
@@ -109,10 +126,12 @@ class ReplicatedRedis:
 class SentinelGroup(ReplicatedRedis):
     """A master, replicas, and ``sentinels`` sentinels (quorum: a majority) watching them."""
 
-    def __init__(self, workdir: Path, replicas: int = 2, sentinels: int = 3) -> None:
-        super().__init__(workdir, replicas)
+    def __init__(self, workdir: Path, replicas: int = 2, sentinels: int = 3, hosts: Hosts | None = None) -> None:
+        super().__init__(workdir, replicas, hosts)
         quorum = sentinels // 2 + 1
-        config = (f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master.port} {quorum}\n"
+        # announce-ip: sentinels listen on 127.0.0.1 only, whichever address their connections use.
+        config = (f"sentinel announce-ip 127.0.0.1\n"
+                  f"sentinel monitor {MASTER_NAME} {self.monitored_address} {self.master.port} {quorum}\n"
                   f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n"
                   f"sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}\n"
                   f"sentinel parallel-syncs {MASTER_NAME} {replicas}\n")
@@ -138,16 +157,20 @@ class SentinelGroup(ReplicatedRedis):
         return (int(state["num-slaves"]) == len(self.replicas)
                 and int(state["num-other-sentinels"]) == len(self.sentinels) - 1)
 
-    def master_port(self) -> int | None:
-        """The master's port as the live sentinels' majority reports it."""
-        ports = []
+    def master_address(self) -> tuple[str, int] | None:
+        """The master's address as the live sentinels' majority reports it."""
+        found = []
         for sentinel in self.sentinels:
             if not sentinel.alive:
                 continue
             with contextlib.suppress(redis.RedisError):
-                _host, port = sentinel.client().sentinel_get_master_addr_by_name(MASTER_NAME)
-                ports.append(int(port))
-        return max(set(ports), key=ports.count) if ports else None
+                host, port = sentinel.client().sentinel_get_master_addr_by_name(MASTER_NAME)
+                found.append((host.decode() if isinstance(host, bytes) else str(host), int(port)))
+        return max(set(found), key=found.count) if found else None
+
+    def master_port(self) -> int | None:
+        address = self.master_address()
+        return address[1] if address else None
 
     def wait_for_promotion(self, old_port: int, timeout: float = 30) -> tuple[Node, float]:
         """Until the sentinels name another master and it takes writes; returns it and when."""
