@@ -12,6 +12,7 @@ import binascii
 import hashlib
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +141,32 @@ def _check_call_xml(document: str) -> None:
         raise ConfigError(f"VOICE_ACTIVE_CALL_XML must have a <Response> root, not <{root.tag}>")
 
 
+# A Celery task or queue name as a consumer's code would register it (dotted words, no spaces).
+_TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,199}$")
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
+MIN_RETENTION_DAYS = 7
+
+
+def _check_hook(task: str, queue: str) -> None:
+    if task and not _TASK_NAME.match(task):
+        raise ConfigError(f"VOICE_HOOK_TASK must be a Celery task name such as crm.tasks.recording_ready, got {task!r}")
+    if not _QUEUE_NAME.match(queue):
+        raise ConfigError(f"VOICE_HOOK_QUEUE must be a queue name (letters, digits, _.:-), got {queue!r}")
+
+
+def check_retention_days(days: int, dedup_ttl_seconds: int, name: str) -> None:
+    """0 keeps events forever; any other window must outlast the dedup key, or a late retry of a
+    pruned event could no longer be told from a new one (neither Redis nor the database knows it)."""
+    if days == 0:
+        return
+    floor = max(MIN_RETENTION_DAYS, -(-dedup_ttl_seconds // 86400))
+    if days < floor:
+        raise ConfigError(
+            f"{name} must be 0 (keep forever) or at least {floor} days (7, and no shorter than "
+            f"DEDUP_TTL_SECONDS={dedup_ttl_seconds}), got {days}"
+        )
+
+
 def _networks(raw: str | None) -> tuple[IPNetwork, ...]:
     networks = []
     for entry in _split(raw):
@@ -172,6 +199,9 @@ class Settings:
     voice_active_call_xml: str = DEFAULT_ACTIVE_CALL_XML
     event_max_retries: int = 14
     worker_metrics_port: int = 9808
+    voice_hook_task: str = ""
+    voice_hook_queue: str = "voice-hooks"
+    event_retention_days: int = 0
     log_level: str = "INFO"
     log_format: str = "json"
     app_env: str = "development"
@@ -245,6 +275,9 @@ class Settings:
             voice_active_call_xml=env.get("VOICE_ACTIVE_CALL_XML", "").strip() or DEFAULT_ACTIVE_CALL_XML,
             event_max_retries=_int(env, "EVENT_MAX_RETRIES", 14, 0, 100),
             worker_metrics_port=_int(env, "WORKER_METRICS_PORT", 9808, 0, 65535),
+            voice_hook_task=env.get("VOICE_HOOK_TASK", "").strip(),
+            voice_hook_queue=env.get("VOICE_HOOK_QUEUE", "").strip() or "voice-hooks",
+            event_retention_days=_int(env, "EVENT_RETENTION_DAYS", 0, 0, 36500),
             log_level=log_level,
             log_format=log_format,
             app_env=env.get("APP_ENV", "development").strip().lower() or "development",
@@ -277,6 +310,8 @@ class Settings:
                 "on RabbitMQ the broker's publisher confirms are the guarantee, and rediss:// and "
                 "unix:// brokers cannot wait for replicas"
             )
+        _check_hook(self.voice_hook_task, self.voice_hook_queue)
+        check_retention_days(self.event_retention_days, self.dedup_ttl_seconds, "EVENT_RETENTION_DAYS")
         if self.webhook_auth not in {"", "none"}:
             raise ConfigError(f"WEBHOOK_AUTH may only be 'none' (or unset), got {self.webhook_auth!r}")
         if self.app_env == "production" and not self.webhook_auth_configured and self.webhook_auth != "none":

@@ -1,12 +1,30 @@
 """gunicorn settings for ``web``; each can be overridden from the environment."""
 
 import os
+import sys
 
-bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"  # noqa: S104 - a server listens
+
+def _env_int(name, default, low, high):
+    """An integer setting; a bad one stops gunicorn with a line naming it, not a traceback."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        # SystemExit passes through gunicorn's config loader, which prints a traceback for errors.
+        sys.stderr.write(f"{name} must be an integer between {low} and {high}, got {raw!r}\n")
+        raise SystemExit(1)
+    return value
+
+
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_env_int('PORT', 8000, 1, 65535)}"  # noqa: S104 - a server listens
 # gthread: a slow client ties up one thread, not a whole worker process.
 worker_class = "gthread"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-threads = int(os.environ.get("WEB_THREADS", "4"))
+workers = _env_int("WEB_CONCURRENCY", 2, 1, 64)
+threads = _env_int("WEB_THREADS", 4, 1, 256)
 timeout = 30
 graceful_timeout = 20  # SIGTERM: answer what is in flight, then exit
 keepalive = 5
@@ -26,6 +44,13 @@ def on_starting(server):
     from app.metrics import prune_dead_process_files
 
     prune_dead_process_files()
+
+
+def post_fork(server, worker):
+    """Each web process reports its own resident memory (voice_process_resident_memory_bytes)."""
+    from app.metrics import track_process_memory
+
+    track_process_memory("web")
 
 
 def child_exit(server, worker):

@@ -12,12 +12,14 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import selectinload
 
 from app.africastalking import IN_PROGRESS
+from app.changes import START, decode_cursor, encode_cursor, parse_limit, read_changes
 from app.errors import BadRequest, NotFound
 from app.events import STATUSES
 from app.extensions import db
 from app.models import VoiceRecording, WebhookEvent
 from app.security import check_bearer
 from app.timeutil import parse_rfc3339, to_rfc3339
+from app.views import recording_view
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1/voice")
 
@@ -86,24 +88,15 @@ def recordings() -> Response:
     return jsonify(recordings=[recording_view(r) for r in page], next_cursor=next_cursor)
 
 
-def recording_view(recording: VoiceRecording) -> dict[str, Any]:
-    return {
-        "recording_id": recording.id,
-        "status": recording.status,
-        "duration": recording.duration,
-        "recording_url": recording.recording_url,
-        "created_at": to_rfc3339(recording.created_at),
-        "processed_at": to_rfc3339(recording.processed_at),
-        "participants": [
-            {
-                "phone_number": p.phone_number,
-                "status": p.status,
-                "duration": p.duration,
-                "updated_at": to_rfc3339(p.updated_at),
-            }
-            for p in recording.participants
-        ],
-    }
+@bp.get("/changes")
+def changes() -> Response:
+    """Recordings in the order their latest change committed; follow ``next_cursor`` to miss none."""
+    after = request.args.get("after")
+    position = decode_cursor(after) if after else START
+    page = read_changes(db.session, position, parse_limit(request.args.get("limit")))
+    next_cursor = encode_cursor(page[-1][0] if page else position)
+    return jsonify(changes=[{"cursor": encode_cursor(p), "recording": view} for p, view in page],
+                   next_cursor=next_cursor)
 
 
 def event_view(event: WebhookEvent) -> dict[str, Any]:
@@ -121,7 +114,7 @@ def event_view(event: WebhookEvent) -> dict[str, Any]:
 def _limit(raw: str | None) -> int:
     if raw is None:
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:  # "²" is a digit to isdigit
         raise BadRequest(f"limit must be an integer between 1 and {MAX_LIMIT}")
     return int(raw)
 

@@ -7,6 +7,7 @@ dedup claim plus the database fingerprint make it exactly once in effect.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from celery import Celery, Task, signals
@@ -15,7 +16,7 @@ from kombu import Exchange, Queue
 
 from app import metrics
 from app.logs import configure_logging
-from app.queues import ALL_QUEUES, MAINTENANCE_QUEUE, SWEEP_TASK, WEBHOOK_QUEUE
+from app.queues import ALL_QUEUES, MAINTENANCE_QUEUE, PRUNE_TASK, SWEEP_TASK, WEBHOOK_QUEUE
 from config import Settings
 
 # A task runs in milliseconds; the limits only stop one stuck on a hung connection. They sit above
@@ -91,7 +92,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_soft_time_limit": TASK_SOFT_TIME_LIMIT,
         "task_time_limit": TASK_TIME_LIMIT,
         "task_default_queue": WEBHOOK_QUEUE,
-        "task_routes": {SWEEP_TASK: {"queue": MAINTENANCE_QUEUE}},
+        "task_routes": {SWEEP_TASK: {"queue": MAINTENANCE_QUEUE}, PRUNE_TASK: {"queue": MAINTENANCE_QUEUE}},
         # Flower shows tasks only from workers that send events.
         "worker_send_task_events": True,
         # No task-sent event from the web: it cost one more Redis publish on every webhook (a
@@ -106,7 +107,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "task": SWEEP_TASK,
                 "schedule": max(5.0, settings.pending_redelivery_seconds / 4),
                 "options": {"queue": MAINTENANCE_QUEUE, "expires": 60},
-            }
+            },
+            **_retention_schedule(settings),
         },
     }
 
@@ -135,6 +137,16 @@ def queue_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _retention_schedule(settings: Settings) -> dict[str, Any]:
+    """Hourly prune when EVENT_RETENTION_DAYS is set: once caught up, each run deletes the events that
+    crossed the window in the last hour; a first run on a large table is better done by hand
+    (``flask voice prune``), since each run stops after a few seconds."""
+    if not settings.event_retention_days:
+        return {}
+    return {"prune-events": {"task": PRUNE_TASK, "schedule": 3600.0,
+                             "options": {"queue": MAINTENANCE_QUEUE, "expires": 3000}}}
+
+
 def celery_init_app(app: Flask) -> Celery:
     class FlaskTask(Task):
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -155,6 +167,15 @@ def celery_init_app(app: Flask) -> Celery:
     @signals.worker_ready.connect(weak=False)
     def _metrics_port(**_kwargs: Any) -> None:
         metrics.serve_worker_metrics(app, settings.worker_metrics_port)
+        metrics.track_process_memory("worker")  # the main process: it fetches and acknowledges
+
+    @signals.worker_process_init.connect(weak=False)
+    def _pool_process_memory(**_kwargs: Any) -> None:
+        metrics.track_process_memory("worker")
+
+    @signals.worker_process_shutdown.connect(weak=False)
+    def _pool_process_gone(pid: int | None = None, **_kwargs: Any) -> None:
+        metrics.forget_process(pid or os.getpid())
 
     celery_app = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object(app.config["CELERY"])

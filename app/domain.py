@@ -17,7 +17,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, selectinload
 
 from app.africastalking import IN_PROGRESS
+from app.changes import mark_changed
 from app.events import Event
+from app.hooks import stage as stage_hook
 from app.models import Participant, VoiceRecording, WebhookEvent
 from app.timeutil import order_key, utcnow
 
@@ -154,12 +156,14 @@ def apply_event(
             .execution_options(populate_existing=True)
         ).scalar_one()
 
+        url_before = recording.recording_url
         stored = session.scalar(select(WebhookEvent).where(WebhookEvent.fingerprint == fingerprint))
         if stored is not None:
             if received_at < stored.received_at:
                 # The copy that arrived first was applied second: it is the event's arrival time.
                 stored.received_at = received_at
-                _rebuild_from_events(session, recording, clock())
+                if _rebuild_from_events(session, recording, clock()):
+                    _announce(session, recording, url_before)
                 session.commit()
             else:
                 session.rollback()
@@ -167,6 +171,8 @@ def apply_event(
 
         changed = merge(recording, event, received_at, key, clock())
         outcome = APPLIED if changed else NO_EFFECT
+        if changed:
+            _announce(session, recording, url_before)
         session.add(
             WebhookEvent(
                 recording_id=event.session_id,
@@ -187,10 +193,17 @@ def apply_event(
         raise
 
 
-def _rebuild_from_events(session: Session, recording: VoiceRecording, now: datetime) -> None:
+def _rebuild_from_events(session: Session, recording: VoiceRecording, now: datetime) -> bool:
     session.flush()
     rows = session.scalars(select(WebhookEvent).where(WebhookEvent.recording_id == recording.id))
-    rebuild(recording, [(stored_event(row), row.received_at) for row in rows], now)
+    return rebuild(recording, [(stored_event(row), row.received_at) for row in rows], now)
+
+
+def _announce(session: Session, recording: VoiceRecording, url_before: str | None) -> None:
+    """In the changing transaction: move the recording to the change feed's end, and queue the
+    ready hook when its URL was set or changed; both commit with the change or not at all."""
+    mark_changed(session, recording)
+    stage_hook(session, recording, url_before)
 
 
 def stored_event(row: WebhookEvent) -> Event:

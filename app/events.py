@@ -138,7 +138,9 @@ def _decode_form(body: bytes) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for name, value in pairs:
         if name in fields:
-            raise InvalidPayload(f"{_shown(name)} is given more than once")
+            session_ids = [v for n, v in pairs if n == "sessionId"]
+            readable = _readable_session_id(session_ids[0]) if len(session_ids) == 1 else None
+            raise InvalidPayload(f"{_shown(name)} is given more than once", session_id=readable)
         fields[name] = value
     return fields
 
@@ -152,7 +154,8 @@ def _decode_json(body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidPayload("body must be a JSON object")
     if len(data) > MAX_FIELDS:
-        raise InvalidPayload(f"body has more than {MAX_FIELDS} fields")
+        raise InvalidPayload(f"body has more than {MAX_FIELDS} fields",
+                             session_id=_readable_session_id(data.get("sessionId")))
     return data
 
 
@@ -166,12 +169,15 @@ def _shown(name: str) -> str:
 
 
 def parse_event(fields: dict[str, Any]) -> Event:
-    """Validate decoded fields into an :class:`Event`; the error names the first bad field."""
-    for name, value in fields.items():
-        _check_field(name, value)
+    """Validate decoded fields into an :class:`Event`; the error names the first bad field.
 
-    session_id = _session_id(fields.get("sessionId"))
+    ``sessionId`` is read first, so that an error about any other field carries it when it is valid.
+    """
+    readable = _readable_session_id(fields.get("sessionId"))
     try:
+        for name, value in fields.items():
+            _check_field(name, value)
+        session_id = _session_id(fields.get("sessionId"))
         if africastalking.is_at_payload(fields):
             return _parse_at(session_id, fields)
         return Event(
@@ -183,8 +189,13 @@ def parse_event(fields: dict[str, Any]) -> Event:
             payload=dict(fields),
         )
     except InvalidPayload as error:
-        error.session_id = session_id
+        error.session_id = readable
         raise
+
+
+def _readable_session_id(value: Any) -> str | None:
+    """The session id when it is valid on its own (then an error may echo it), else None."""
+    return value if isinstance(value, str) and _SESSION_ID.fullmatch(value) else None
 
 
 def _parse_at(session_id: str, fields: dict[str, Any]) -> Event:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from flask import current_app
 from kombu.exceptions import ChannelError as KombuChannelError
 
-from app import deadletters, pending
+from app import deadletters, hooks, pending
+from app.extensions import db
 from app.queues import ALL_QUEUES
 
 
@@ -24,7 +25,10 @@ def queue_depths() -> dict[str, int]:
 
 
 def state_counts(name: str) -> int:
-    """``pending``: events accepted and not applied; ``dead_letters``: not replayed yet."""
+    """``pending``: events accepted and not applied; ``dead_letters``: not replayed yet;
+    ``hook_backlog``: ready hooks in the outbox."""
     if name == "pending":
         return pending.count()
+    if name == "hook_backlog":
+        return hooks.backlog(db.session)
     return deadletters.count()

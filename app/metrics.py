@@ -1,26 +1,37 @@
 """Prometheus metrics, correct across several gunicorn and Celery processes.
 
-With PROMETHEUS_MULTIPROC_DIR set (the Procfile sets it), every process writes its counters and
-histograms to files there, and a scrape adds them up; without it, a process serves its own. Gauges
-of shared state (queue depth, pending events, dead letters) are read from Redis, the broker and
-the database at scrape time, so any process reports the same numbers.
+With PROMETHEUS_MULTIPROC_DIR set, every process writes its counters and histograms to files there,
+and a scrape adds them up; without it, a process serves its own. The web and the worker each get a
+folder of their own (the Procfile appends ``/web`` and ``/worker``), so the web's ``/metrics``
+serves the web processes' samples and the worker's port the worker processes': a Prometheus that
+scrapes both counts every event once.
+
+Gauges of shared state (queue depth, pending events, dead letters) are read from Redis, the broker
+and the database at scrape time, so any process reports the same numbers (aggregate them with
+``max``). When a source cannot be read, the gauge keeps the last value this process read and
+``voice_gauge_source_up{gauge}`` says 0, so the series never vanishes during the outage that
+matters most.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import structlog
 from flask import Flask
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import REGISTRY as PROCESS_REGISTRY
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+from app.gauges import queue_depths, state_counts
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +50,46 @@ EVENT_LAG = Histogram(
     "Time from the webhook's arrival to the commit of its event.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+
+
+# One series per live process (the scrape adds a pid label in multiprocess mode): a process that
+# grows shows as itself, not hidden in a sum.
+PROCESS_MEMORY = Gauge("voice_process_resident_memory_bytes", "Resident memory of each web and worker process.",
+                       ["role"], multiprocess_mode="liveall")
+PROCESS_MEMORY_INTERVAL_SECONDS = 5.0
+_memory_tracked_in: int | None = None  # the pid whose thread runs: a forked child starts its own
+
+
+def track_process_memory(role: str) -> None:
+    """Report this process's resident memory every few seconds, from a daemon thread."""
+    global _memory_tracked_in
+    if _memory_tracked_in == os.getpid():
+        return
+    _memory_tracked_in = os.getpid()
+    gauge = PROCESS_MEMORY.labels(role=role)
+
+    def report() -> None:
+        while True:
+            gauge.set(_resident_bytes())
+            time.sleep(PROCESS_MEMORY_INTERVAL_SECONDS)
+
+    threading.Thread(target=report, name="voice-process-memory", daemon=True).start()
+
+
+def _resident_bytes() -> float:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):  # not Linux: report nothing rather than a wrong figure
+        return 0.0
+    return float(pages * os.sysconf("SC_PAGE_SIZE"))
+
+
+def forget_process(pid: int) -> None:
+    """Drop a process's live gauge files when it exits, so its memory series ends with it."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
 
 
 def observe_webhook(outcome: str, reason: str, seconds: float) -> None:
@@ -68,31 +119,63 @@ def observe_event(outcome: str, lag_seconds: float | None = None) -> None:
         EVENT_LAG.observe(max(lag_seconds, 0.0))
 
 
+# The last samples each state gauge was read as, in this process: what a scrape shows while the
+# gauge's source is down.
+Samples = list[tuple[tuple[str, ...], float]]
+_LAST_READ: dict[str, Samples] = {}
+
+SOURCE_UP = "voice_gauge_source_up"
+
+
+def _queue_depth() -> Samples:
+    return [((queue,), float(count)) for queue, count in queue_depths().items()]
+
+
+def _state(name: str) -> Callable[[], Samples]:
+    def read() -> Samples:
+        return [((), float(state_counts(name)))]
+
+    return read
+
+
+# name, help, label names, reader (which source it asks: the broker, Redis, the database and Redis)
+STATE_GAUGES = (
+    ("voice_queue_depth", "Messages waiting in each queue.", ["queue"], _queue_depth),
+    ("voice_pending_events", "Events accepted and not yet applied.", [], _state("pending")),
+    ("voice_dead_letters", "Dead letters not yet replayed (database and Redis).", [], _state("dead_letters")),
+    ("voice_hook_backlog", "Ready-hook sends committed and not yet accepted by the broker (the outbox).", [],
+     _state("hook_backlog")),
+)
+
+
 class StateCollector(Collector):
-    """Gauges read from shared state at scrape time; a dependency that fails is left out."""
+    """Gauges read from shared state at scrape time; a source that fails keeps its last value."""
 
     def __init__(self, app: Flask) -> None:
         self.app = app
 
     def collect(self) -> Iterator[Metric]:
-        from app.gauges import queue_depths, state_counts
-
+        up = GaugeMetricFamily(
+            SOURCE_UP, "1 when the gauge was read at this scrape; 0 when its source failed and the gauge shows "
+            "the last value this process read.", labels=["gauge"])
         with self.app.app_context():
-            try:
-                depth = GaugeMetricFamily("voice_queue_depth", "Messages waiting in each queue.", labels=["queue"])
-                for queue, count in queue_depths().items():
-                    depth.add_metric([queue], count)
-                yield depth
-            except Exception as exc:  # the broker is down: report what can be read
-                log.warning("metrics_queue_depth_failed", error_type=type(exc).__name__)
-            for name, help_text, reader in (
-                ("voice_pending_events", "Events accepted and not yet applied.", "pending"),
-                ("voice_dead_letters", "Dead letters not yet replayed (database and Redis).", "dead_letters"),
-            ):
+            for name, help_text, labels, reader in STATE_GAUGES:
                 try:
-                    yield GaugeMetricFamily(name, help_text, value=state_counts(reader))
-                except Exception as exc:
+                    samples = reader()
+                except Exception as exc:  # the source is down: show the last value read, flagged
                     log.warning("metrics_gauge_failed", metric=name, error_type=type(exc).__name__)
+                    up.add_metric([name], 0)
+                    samples = _LAST_READ.get(name)
+                else:
+                    up.add_metric([name], 1)
+                    _LAST_READ[name] = samples
+                if samples is None:
+                    continue  # never read in this process: absent, which the absent() alert catches
+                family = GaugeMetricFamily(name, help_text, labels=labels)
+                for values, value in samples:
+                    family.add_metric(list(values), value)
+                yield family
+        yield up
 
 
 def registry_for(app: Flask) -> CollectorRegistry:

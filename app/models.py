@@ -5,7 +5,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.extensions import db
@@ -45,12 +56,18 @@ class VoiceRecording(db.Model):
     # so that events applied out of order still leave the state arrival order gives.
     status_key: Mapped[str] = mapped_column(String(100))
     url_key: Mapped[str | None] = mapped_column(String(100))
+    # Where the recording's latest change sits in the change feed (see app.changes): the writing
+    # transaction's id on PostgreSQL, a counter taken under the single writer on SQLite.
+    change_position: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     participants: Mapped[list[Participant]] = relationship(
         back_populates="recording", order_by="Participant.id", cascade="all, delete-orphan"
     )
 
-    __table_args__ = (Index("ix_voice_recordings_created_at_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_voice_recordings_created_at_id", "created_at", "id"),
+        Index("ix_voice_recordings_change_position_id", "change_position", "id"),
+    )
 
 
 class Participant(db.Model):
@@ -88,6 +105,8 @@ class WebhookEvent(db.Model):
     outcome: Mapped[str] = mapped_column(String(32))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
 
+    __table_args__ = (Index("ix_webhook_events_received_at", "received_at"),)
+
 
 class DeadLetter(db.Model):
     """An event whose processing gave up; replayed by ``flask voice replay``."""
@@ -102,3 +121,16 @@ class DeadLetter(db.Model):
     attempts: Mapped[int] = mapped_column(Integer)
     failed_at: Mapped[datetime] = mapped_column(UTCDateTime)
     replayed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class HookOutbox(db.Model):
+    """A ready-hook task to send: written with the change it announces, deleted once the broker has it."""
+
+    __tablename__ = "hook_outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    recording_id: Mapped[str] = mapped_column(String(128), index=True)
+    task_id: Mapped[str] = mapped_column(String(36))
+    recording: Mapped[dict[str, Any]] = mapped_column(JSON)  # the recording as the single GET showed it
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -117,6 +117,23 @@ _SCHEMAS: dict[str, Any] = {
             "next_cursor": {"type": ["string", "null"]},
         },
     },
+    "Change": {
+        "type": "object",
+        "required": ["cursor", "recording"],
+        "properties": {
+            "cursor": {"type": "string", "description": "the feed's position just after this item"},
+            "recording": _ref("Recording"),
+        },
+    },
+    "ChangeList": {
+        "type": "object",
+        "required": ["changes", "next_cursor"],
+        "properties": {
+            "changes": {"type": "array", "items": _ref("Change")},
+            "next_cursor": {"type": "string", "description": "pass as `after` next time; an empty page "
+                            "returns the cursor it was given"},
+        },
+    },
     "Event": {
         "type": "object",
         "required": ["received_at", "phone_number", "status", "duration", "recording_url", "outcome", "payload"],
@@ -243,6 +260,26 @@ _PATHS: dict[str, Any] = {
                 "200": _json(_ref("EventList"), "The events"),
                 "401": _BEARER_FAIL,
                 "404": _NOT_FOUND,
+            },
+        }
+    },
+    "/api/v1/voice/changes": {
+        "get": {
+            "summary": "Recordings in the order their latest change committed",
+            "description": "Follow next_cursor (no `after`: from the beginning) to see every recording that "
+                           "changed, with its latest state; no committed change is ever passed over. Store "
+                           "next_cursor after processing a page, and resume from it after a crash.",
+            "operationId": "listChanges",
+            "security": [{"bearer": []}],
+            "parameters": [
+                {"name": "after", "in": "query", "schema": {"type": "string"},
+                 "description": "a cursor from a previous page"},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+            ],
+            "responses": {
+                "200": _json(_ref("ChangeList"), "A page of changes"),
+                "400": _BAD_QUERY,
+                "401": _BEARER_FAIL,
             },
         }
     },

@@ -9,3 +9,4 @@ ALL_QUEUES = (WEBHOOK_QUEUE, REPLAY_QUEUE, MAINTENANCE_QUEUE)
 
 APPLY_EVENT_TASK = "voice.apply_webhook_event"
 SWEEP_TASK = "voice.sweep_pending"
+PRUNE_TASK = "voice.prune_events"

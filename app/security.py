@@ -74,7 +74,7 @@ def _standard_webhook_id(keys: tuple[bytes, ...], request: Request, body: bytes,
     """Standard Webhooks: ``v1,<base64 HMAC-SHA256>`` over ``id.timestamp.body``, within 5 minutes."""
     webhook_id = request.headers.get("webhook-id", "")
     timestamp = request.headers.get("webhook-timestamp", "")
-    if not webhook_id or len(webhook_id) > 256 or not timestamp.isdigit():
+    if not webhook_id or len(webhook_id) > 256 or not (timestamp.isascii() and timestamp.isdigit()):
         return None
     if abs(now - int(timestamp)) > STANDARD_WEBHOOK_TOLERANCE_SECONDS:
         return None  # too old (a replay) or too far ahead

@@ -12,14 +12,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import http.client
+import json
 import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 OUR_NUMBER = "+254711082000"
 # (status, callSessionState, hangupCause, contract status it maps to, answered)
@@ -157,7 +159,9 @@ class Sender:
 
 def simulate(url: str, calls: int, participants: int, duplicates: float, secret: str | None = None,
              token: str | None = None, seed: int = 0, concurrency: int = 8, prefix: str = "ATVoice_sim",
-             signature_header: str = "X-Webhook-Signature") -> Report:
+             signature_header: str = "X-Webhook-Signature",
+             progress: Callable[[int], None] | None = None) -> Report:
+    """Play the calls; ``progress`` is called with 1 as each call's requests are all sent."""
     sender = Sender(url, secret, token, signature_header)
     sequences = plan(calls, participants, seed, prefix)
     rng = random.Random(seed + 1)  # noqa: S311 - reproducible test traffic
@@ -172,8 +176,110 @@ def simulate(url: str, calls: int, participants: int, duplicates: float, secret:
                 report.count(failed_requests=1)
             if again:  # AT delivers the same callback once more
                 sender.post(fields, report)
+        if progress is not None:
+            with report.lock:
+                progress(1)
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(play, range(calls)))
     report.expected = {requests[0]["sessionId"]: expected_recording(requests) for requests in sequences}
     return report
+
+
+# --- reading the recordings back -------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    """One recording: what the rules say it should hold, what the service holds, what differs."""
+
+    session_id: str
+    expected: dict[str, Any]
+    held: dict[str, Any] | None = None
+    differs: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.held is not None and not self.differs
+
+
+def held_state(recording: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a recording (as the read API shows it) that the simulator predicts."""
+    return {"status": recording["status"], "duration": recording["duration"],
+            "recording_url": recording["recording_url"],
+            "participants": {p["phone_number"]: p["status"] for p in recording["participants"]}}
+
+
+def differences(expected: dict[str, Any], held: dict[str, Any] | None) -> list[str]:
+    if held is None:
+        return ["missing"]
+    return [name for name in expected if expected[name] != held.get(name)]
+
+
+class Reader:
+    """Reads recordings through the read API of the deployment the webhooks went to."""
+
+    def __init__(self, webhook_url: str, api_key: str, api_url: str | None = None) -> None:
+        parts = urlsplit(api_url or webhook_url)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {api_url or webhook_url}")
+        self.parts = parts
+        self.api_key = api_key
+
+    def recording(self, session_id: str) -> dict[str, Any] | None:
+        cls = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
+        conn = cls(self.parts.hostname, self.parts.port, timeout=10)
+        try:
+            conn.request("GET", f"/api/v1/voice/recordings/{quote(session_id, safe='')}",
+                         headers={"Authorization": f"Bearer {self.api_key}"})
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        if response.status == 404:
+            return None
+        if response.status == 401:
+            raise PermissionError("the read API refused the API key (401)")
+        if response.status != 200:
+            raise OSError(f"GET recording {session_id}: HTTP {response.status}")
+        return held_state(json.loads(body))
+
+
+def verify(reader: Reader, expected: dict[str, dict[str, Any]], timeout: float = 120.0, settle: float = 10.0,
+           interval: float = 0.5, concurrency: int = 8) -> list[Check]:
+    """Poll every recording until it holds what was expected, or until nothing has changed for
+    ``settle`` seconds (the queue has drained), or ``timeout``; then report each one."""
+    checks = {session: Check(session, want) for session, want in expected.items()}
+    deadline = time.monotonic() + timeout
+    last_change = time.monotonic()
+    with ThreadPoolExecutor(concurrency) as pool:
+        while True:
+            waiting = [check for check in checks.values() if not check.ok]
+            for check, held in zip(waiting, pool.map(lambda c: reader.recording(c.session_id), waiting), strict=True):
+                if held != check.held:
+                    last_change = time.monotonic()
+                check.held, check.differs = held, differences(check.expected, held)
+            now = time.monotonic()
+            if all(check.ok for check in checks.values()) or now > deadline or now - last_change > settle:
+                break
+            time.sleep(interval)
+    return list(checks.values())
+
+
+def _shown_state(state: dict[str, Any] | None) -> str:
+    if state is None:
+        return "(none)"
+    url = state["recording_url"]
+    participants = ",".join(f"{number[-4:]}:{status}" for number, status in sorted(state["participants"].items()))
+    return (f"{state['status']} {state['duration']}s url={'…' + url[-12:] if url else '-'} "
+            f"[{participants}]")
+
+
+def table(checks: list[Check]) -> str:
+    """A pass/fail line per recording: expected, held, and the fields that differ."""
+    rows = [("session", "expected", "held", "result")]
+    for check in checks:
+        rows.append((check.session_id, _shown_state(check.expected), _shown_state(check.held),
+                     "PASS" if check.ok else "FAIL " + ",".join(check.differs)))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}" for a, b, c, d in rows)

@@ -16,9 +16,13 @@ from app.dedup import ClaimBusy
 from app.delivery import REDIS_DOWN, deliver
 from app.domain import DUPLICATE
 from app.envelope import Envelope
+from app.extensions import db
+from app.hooks import relay as relay_hooks
+from app.hooks import relay_after_commit
 from app.logs import mask_phone
 from app.publish import resend_due
-from app.queues import APPLY_EVENT_TASK, SWEEP_TASK
+from app.queues import APPLY_EVENT_TASK, PRUNE_TASK, SWEEP_TASK
+from app.retention import prune
 from app.timeutil import parse_rfc3339, utcnow
 
 log = structlog.get_logger(__name__)
@@ -38,6 +42,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 30.0  # below the broker's visibility timeout, so a waiting retry is never redelivered
 CLAIM_BUSY_MAX_SECONDS = 5.0  # the other task usually finishes in milliseconds
+PRUNE_TASK_SECONDS = 8.0  # under the soft time limit (12 s); about a million events at the measured rate
 
 
 def backoff_seconds(retries: int, busy: bool = False) -> float:
@@ -79,6 +84,7 @@ def apply_webhook_event(self: Task, message: dict, received_at: str, request_id:
         deadletters.dead_letter(envelope, f"{type(exc).__name__}: {exc}", self.request.retries + 1)
         metrics.observe_event("dead_lettered")
         return "dead_lettered"
+    relay_after_commit(db.session, message["session_id"])
     lag = None if outcome == DUPLICATE else (utcnow() - parse_rfc3339(received_at)).total_seconds()
     metrics.observe_event(outcome, lag)
     log.info("event_applied", outcome=outcome, phone_number=mask_phone(message.get("phone_number")),
@@ -88,9 +94,27 @@ def apply_webhook_event(self: Task, message: dict, received_at: str, request_id:
 
 @shared_task(name=SWEEP_TASK)
 def sweep_pending_task() -> int:
-    """Periodic: send again what was accepted but not applied, and file Redis-held dead letters."""
+    """Periodic: send again what was accepted but not applied, relay the ready hooks a failed relay
+    left in the outbox, and file Redis-held dead letters."""
     try:
         deadletters.drain_redis()
     except (sa_exc.SQLAlchemyError, *REDIS_DOWN):
         log.warning("dead_letter_drain_deferred")
+    relay_hooks_later()
     return resend_due()
+
+
+def relay_hooks_later() -> None:
+    try:
+        relay_hooks(db.session, path="sweeper")
+    except sa_exc.SQLAlchemyError:
+        db.session.rollback()
+        log.warning("hook_relay_deferred")
+
+
+@shared_task(name=PRUNE_TASK)
+def prune_events_task() -> int:
+    """Periodic (when EVENT_RETENTION_DAYS is set): delete stored events older than the window,
+    for at most PRUNE_TASK_SECONDS (below the task time limit); the next run goes on from there."""
+    days = current_app.extensions["settings"].event_retention_days
+    return prune(db.session, days, max_seconds=PRUNE_TASK_SECONDS).deleted if days else 0

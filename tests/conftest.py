@@ -14,7 +14,7 @@ from sqlalchemy import delete
 
 from app import create_app
 from app.extensions import db
-from app.models import DeadLetter, Participant, VoiceRecording, WebhookEvent
+from app.models import DeadLetter, HookOutbox, Participant, VoiceRecording, WebhookEvent
 from config import Settings, key_digest
 from tests.support import RedisServer, pg_database
 
@@ -78,7 +78,7 @@ def make_app(redis_server: RedisServer) -> Iterator:
     def build(settings: Settings) -> Flask:
         app = create_app(settings)
         with app.app_context():
-            for model in (WebhookEvent, Participant, DeadLetter, VoiceRecording):
+            for model in (WebhookEvent, Participant, DeadLetter, HookOutbox, VoiceRecording):
                 db.session.execute(delete(model))
             db.session.commit()
         redis.Redis.from_url(redis_server.url).flushdb()

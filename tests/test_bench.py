@@ -28,3 +28,4 @@ def test_bench_runs_on_a_tiny_load(tmp_path: Path) -> None:
     assert report["acks"]["rabbitmq"]["webhook_rps"] > 0
     assert {run["rtt_ms"] for run in report["network"]["redis"].values()} == {0.0, 0.5}
     assert "| redis: ack throughput ratio" in (tmp_path / result.name.replace(".json", ".md")).read_text()
+    assert "] processing: scaling with 4 worker process(es)" in done.stderr  # progress while it runs

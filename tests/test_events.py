@@ -141,3 +141,27 @@ def test_bodies_that_do_not_decode(mimetype: str, body: bytes, error: type, mess
 def test_blank_form_values_are_kept_as_received() -> None:
     fields = decode_body(FORM, b"sessionId=S&status=busy&recordingUrl=")
     assert fields == {"sessionId": "S", "status": "busy", "recordingUrl": ""}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"sessionId": "S1", "status": "busy", "note": "a\x01b"},  # a control character in another field
+        {"sessionId": "S1", "status": "busy", "bad name!": "x"},  # a field name that is not allowed
+        {"status": "busy", "extra": "y" * 3000, "sessionId": "S1"},  # sessionId after the bad field
+        {"sessionId": "S1", "status": "busy", "duration": [1]},  # neither string nor number
+    ],
+)
+def test_a_field_error_carries_the_session_id_whatever_the_field_order(fields: dict) -> None:
+    with pytest.raises(InvalidPayload) as caught:
+        parse_event(fields)
+    assert caught.value.session_id == "S1"
+
+
+def test_a_repeated_form_field_error_carries_the_session_id() -> None:
+    with pytest.raises(InvalidPayload) as caught:
+        decode_body("application/x-www-form-urlencoded", b"status=busy&status=failed&sessionId=S1")
+    assert caught.value.session_id == "S1"
+    with pytest.raises(InvalidPayload) as caught:  # two session ids: neither is "the" readable one
+        decode_body("application/x-www-form-urlencoded", b"sessionId=S1&sessionId=S2")
+    assert caught.value.session_id is None

@@ -73,6 +73,7 @@ def test_standard_webhooks_signature_is_accepted(signed_client) -> None:
         (lambda: standard_headers(KEY, BODY, timestamp=int(time.time()) - 301), 401),  # a replay
         (lambda: standard_headers(KEY, BODY, timestamp=int(time.time()) + 301), 401),
         (lambda: {**standard_headers(KEY, BODY), "webhook-timestamp": "soon"}, 401),
+        (lambda: {**standard_headers(KEY, BODY), "webhook-timestamp": "\u00b2"}, 401),  # a digit to isdigit()
         (lambda: {**standard_headers(KEY, BODY), "webhook-signature": "v2,abc"}, 401),
         (lambda: {"Content-Type": FORM}, 401),
     ],

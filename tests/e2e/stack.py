@@ -68,14 +68,21 @@ class Stack:
         wait_for(lambda: self.get("/readyz")[0] == 200, timeout=30)
         return self
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str], **env: str) -> None:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
         self.processes[name] = subprocess.Popen(
-            argv, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            argv, cwd=ROOT, env={**self.env(), **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
+    def role_metrics_dir(self, role: str) -> str:
+        """Each role's own multiprocess folder, as the Procfile gives it: every series served once."""
+        folder = Path(self.env()["PROMETHEUS_MULTIPROC_DIR"]) / role
+        folder.mkdir(parents=True, exist_ok=True)
+        return str(folder)
+
     def start_web(self) -> None:
-        self._spawn("web", [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"])
+        self._spawn("web", [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+                    PROMETHEUS_MULTIPROC_DIR=self.role_metrics_dir("web"))
 
     def start_worker(self, name: str = "worker") -> None:
         self._spawn(name, [
@@ -83,7 +90,7 @@ class Stack:
             "--queues=voice-webhooks,voice-replays,voice-maintenance",
             f"--concurrency={self.worker_concurrency}", "--without-gossip", "--without-mingle",
             f"--hostname={name}-{self.port}@%h",
-        ])
+        ], PROMETHEUS_MULTIPROC_DIR=self.role_metrics_dir("worker"))
 
     def start_beat(self) -> None:
         self._spawn("beat", [str(BIN / "celery"), "-A", "worker", "beat", "--loglevel=INFO",

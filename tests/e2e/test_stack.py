@@ -131,17 +131,17 @@ def test_read_api_over_http(stack: Stack) -> None:
 
 
 def test_metrics_add_up_across_processes(stack: Stack) -> None:
-    """Two gunicorn workers and two Celery processes write samples; a scrape adds them all up."""
-    before_web, before_events = _sample(stack, WEB_ACCEPTED), _sample(stack, EVENTS_APPLIED)
+    """Two gunicorn workers and two Celery processes write samples; each role's scrape adds its own up."""
+    before_web, before_events = _sample(stack, WEB_ACCEPTED), _worker_sample(stack, EVENTS_APPLIED)
     sessions = [unique("m") for _ in range(6)]
     for session in sessions:
         assert stack.post_form({"sessionId": session, "status": "busy"})[0] == 200
     for session in sessions:
         stack.wait_for_events(session, 1)
     assert _sample(stack, WEB_ACCEPTED) == before_web + 6
-    wait_for(lambda: _sample(stack, EVENTS_APPLIED) == before_events + 6, timeout=10)
+    wait_for(lambda: _worker_sample(stack, EVENTS_APPLIED) == before_events + 6, timeout=10)
     _, text = stack.get("/metrics")
-    assert "voice_webhook_ack_seconds_bucket" in text and "voice_event_lag_seconds_bucket" in text
+    assert "voice_webhook_ack_seconds_bucket" in text
     assert 'voice_queue_depth{queue="voice-webhooks"}' in text
     assert "voice_pending_events " in text and "voice_dead_letters " in text
 
@@ -187,6 +187,15 @@ EVENTS_APPLIED = 'voice_events_total{outcome="applied"}'
 def _sample(stack: Stack, name: str) -> float:
     status, text = stack.get("/metrics")
     assert status == 200
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _worker_sample(stack: Stack, name: str) -> float:
+    text = wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics",
+                                                   timeout=5).read().decode())
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
