@@ -45,7 +45,7 @@ return redis.call('lpush', KEYS[3], ARGV[4])
 """
 
 
-_PUT_HELD_SHA = hashlib.sha1(_PUT_HELD.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+_PUT_HELD_SHA = hashlib.sha1(_PUT_HELD.encode(), usedforsecurity=False).hexdigest()  # how Redis names scripts
 
 
 class ReplicasBehind(redis.RedisError):
