@@ -105,10 +105,20 @@ class ReplicatedRedis:
             for node in self.nodes:
                 node.start()
             wait_for(lambda: self.connected_replicas() == len(self.replicas), timeout=20)
+            # A replica just online may let the first WAIT time out (it is still loading the
+            # sync): ready means every replica acknowledges a write.
+            wait_for(self._replicas_acknowledge, timeout=20)
         except BaseException:
             self.kill_all()
             raise
         return self
+
+    def _replicas_acknowledge(self) -> bool:
+        client = self.master.client()
+        client.set("voice:replication-probe", "1")
+        acknowledged = client.wait(len(self.replicas), 200) == len(self.replicas)
+        client.delete("voice:replication-probe")
+        return acknowledged
 
     def connected_replicas(self) -> int:
         info = self.master.client().info("replication")
