@@ -23,6 +23,8 @@ def test_a_worker_host_cut_off_for_twenty_seconds(tmp_path: Path) -> None:
     assert tally.lost == 0, tally
     assert tally.applied == tally.sent, tally
     assert notes["answers"] == {"200": tally.sent}, tally  # the web never lost Redis: every event 200 at once
-    assert notes["applied_during_cut"]["a"] == 0, tally  # cut off: it could not commit anything
+    # Cut off, it commits nothing new; at most the tasks its two processes were finishing as the
+    # link went down are logged after that moment.
+    assert notes["applied_during_cut"]["a"] <= 2, tally
     assert notes["applied_during_cut"]["b"] > 0, tally  # the other host kept applying
     assert notes["workers_alive"] == {"a": True, "b": True}, tally  # nobody restarted anything
