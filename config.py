@@ -16,18 +16,64 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 from xml.etree import ElementTree
 
 INSTANCE_DIR = Path(__file__).resolve().parent / "instance"
 DEFAULT_DATABASE_URL = f"sqlite:///{INSTANCE_DIR / 'voice.db'}"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
-REDIS_BROKER_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_BROKER_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
+# Broker URLs the project's transport (app.transport) serves: it writes the pending entry with
+# the message, and waits for replicas when REDIS_MIN_REPLICAS asks it to.
+HOLDING_BROKER_SCHEMES = ("redis://", "sentinel://")
+SENTINEL_SCHEME = "sentinel://"
 QUEUE_TYPES = ("classic", "quorum")
 
 # What a live call's request (isActive=1) is answered with: AT's call-control document.
 DEFAULT_ACTIVE_CALL_XML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """``sentinel://h1:26379;sentinel://h2:26379/0``: the sentinels to ask for the master, the
+    database number, and the master's credentials (written on any one of the parts, as kombu
+    reads them)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    db: int = 0
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+
+
+def parse_sentinel_url(url: str, name: str = "REDIS_URL") -> SentinelURL:
+    """The parts of a Sentinel URL; ``name`` is the variable an error names."""
+    sentinels: list[tuple[str, int]] = []
+    db, username, password = 0, None, None
+    for part in (p.strip() for p in url.split(";")):
+        if not part:
+            continue
+        if not part.startswith(SENTINEL_SCHEME):
+            raise ConfigError(f"{name} mixes sentinel:// with another scheme: every part must be sentinel://host:port")
+        parsed = urlsplit(part)
+        try:
+            port = parsed.port or 26379
+        except ValueError:
+            raise ConfigError(f"{name} has a sentinel with a port that is not a number") from None
+        if not parsed.hostname:
+            raise ConfigError(f"{name} has a sentinel without a host")
+        sentinels.append((parsed.hostname, port))
+        path = parsed.path.strip("/")
+        if path:
+            if not path.isdigit():
+                raise ConfigError(f"{name} must end with a database number (/0), got /{path}")
+            db = int(path)
+        username = username or parsed.username or None
+        password = password or parsed.password or None
+    if not sentinels:
+        raise ConfigError(f"{name} names no sentinel")
+    return SentinelURL(tuple(sentinels), db, username, password)
 
 
 class ConfigError(ValueError):
@@ -163,6 +209,9 @@ class Settings:
     # answered 503: AT must get its answer within a second even when Redis hangs.
     redis_socket_timeout: float = 0.25
     celery_queue_type: str = "classic"
+    redis_sentinel_master: str = "mymaster"
+    redis_min_replicas: int = 0
+    redis_replica_timeout_ms: int = 200
 
     @property
     def broker_url(self) -> str:
@@ -177,7 +226,15 @@ class Settings:
     def broker_transport_holds_pending(self) -> bool:
         """The project's transport (``app.transport``) serves this broker URL and writes the
         pending entry with the message; other Redis URLs hold it in a round trip of its own."""
-        return self.broker_url.startswith("redis://")
+        return self.broker_url.startswith(HOLDING_BROKER_SCHEMES)
+
+    @property
+    def redis_is_sentinel(self) -> bool:
+        return self.redis_url.startswith(SENTINEL_SCHEME)
+
+    @property
+    def broker_is_sentinel(self) -> bool:
+        return self.broker_url.startswith(SENTINEL_SCHEME)
 
     @property
     def hmac_secrets(self) -> tuple[str, ...]:
@@ -225,6 +282,10 @@ class Settings:
             log_format=log_format,
             app_env=env.get("APP_ENV", "development").strip().lower() or "development",
             celery_queue_type=env.get("CELERY_QUEUE_TYPE", "").strip().lower() or "classic",
+            redis_sentinel_master=env.get("REDIS_SENTINEL_MASTER", "").strip() or "mymaster",
+            redis_min_replicas=_int(env, "REDIS_MIN_REPLICAS", 0, 0, 16),
+            # The wait is part of the webhook's answer, which must come within a second.
+            redis_replica_timeout_ms=_int(env, "REDIS_REPLICA_TIMEOUT_MS", 200, 1, 500),
         )
         settings.check()
         return settings
@@ -237,6 +298,18 @@ class Settings:
             raise ConfigError(f"CELERY_QUEUE_TYPE must be classic or quorum, got {self.celery_queue_type!r}")
         if self.celery_queue_type == "quorum" and self.broker_is_redis:
             raise ConfigError("CELERY_QUEUE_TYPE=quorum needs RabbitMQ as the broker (CELERY_BROKER_URL=amqp://...)")
+        for name, url in (("REDIS_URL", self.redis_url), ("CELERY_BROKER_URL", self.celery_broker_url)):
+            if url.startswith(SENTINEL_SCHEME):
+                parse_sentinel_url(url, name)
+        master = self.redis_sentinel_master
+        if not master or any(ch.isspace() for ch in master):
+            raise ConfigError(f"REDIS_SENTINEL_MASTER must be a name without spaces, got {master!r}")
+        if self.redis_min_replicas and not self.broker_transport_holds_pending:
+            raise ConfigError(
+                "REDIS_MIN_REPLICAS applies to the Redis broker's write (redis:// or sentinel://); "
+                "on RabbitMQ the broker's publisher confirms are the guarantee, and rediss:// and "
+                "unix:// brokers cannot wait for replicas"
+            )
         _check_hook(self.voice_hook_task, self.voice_hook_queue)
         check_retention_days(self.event_retention_days, self.dedup_ttl_seconds, "EVENT_RETENTION_DAYS")
         if self.webhook_auth not in {"", "none"}:

@@ -8,10 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-import redis
 from flask import Flask, Response, g, request
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -20,6 +17,7 @@ from app.celery_app import celery_config, celery_init_app
 from app.errors import register_errorhandlers
 from app.extensions import db
 from app.logs import configure_logging
+from app.redis_clients import redis_client
 from config import INSTANCE_DIR, ConfigError, Settings
 
 MIGRATIONS_DIR = str(Path(__file__).resolve().parent.parent / "migrations")
@@ -77,13 +75,7 @@ def register_extensions(app: Flask, settings: Settings) -> None:
         if db.engine.dialect.name == "sqlite":
             _serialize_sqlite_writes(db.engine)
     # No client-side retries: a failed call surfaces at once, and callers decide (503, task retry).
-    app.extensions["redis"] = redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_socket_timeout,
-        socket_connect_timeout=settings.redis_socket_timeout,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=30,
-    )
+    app.extensions["redis"] = redis_client(settings)
     celery_init_app(app)
 
 

@@ -51,17 +51,29 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # The restore holds a Redis mutex for milliseconds; a worker killed while holding it
             # would block every restore until it expires (kombu's default: 300 s).
             "unacked_mutex_expire": 30,
-            # Publishing on the webhook's path must fail fast when Redis is down or hung.
-            "socket_timeout": settings.redis_socket_timeout * 2,
+            # Publishing on the webhook's path must fail fast when Redis is down or hung; a
+            # held write may also wait REDIS_REPLICA_TIMEOUT_MS for its replicas.
+            "socket_timeout": settings.redis_socket_timeout * 2
+            + (settings.redis_replica_timeout_ms / 1000 if settings.redis_min_replicas else 0),
             "socket_connect_timeout": settings.redis_socket_timeout,
+            "min_replicas": settings.redis_min_replicas,
+            "replica_timeout_ms": settings.redis_replica_timeout_ms,
         }
+        if settings.broker_is_sentinel:
+            # kombu asks the sentinels for this master on every new connection, so publishers
+            # and consumers follow a failover; the sentinels themselves must answer fast too.
+            transport_options |= {
+                "master_name": settings.redis_sentinel_master,
+                "sentinel_kwargs": {"socket_timeout": settings.redis_socket_timeout,
+                                    "socket_connect_timeout": settings.redis_socket_timeout},
+            }
     else:
         # A webhook is answered 200 only once RabbitMQ confirmed the publish (messages are
         # persistent and queues durable by Celery's defaults).
         transport_options |= {"connect_timeout": 1, "confirm_publish": True}
     return {
         "broker_url": settings.broker_url,
-        "broker_transport": "app.transport:Transport" if settings.broker_transport_holds_pending else None,
+        "broker_transport": broker_transport(settings),
         **queue_config(settings),
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
@@ -99,6 +111,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             **_retention_schedule(settings),
         },
     }
+
+
+def broker_transport(settings: Settings) -> str | None:
+    """The project's transport wherever it serves the broker URL (else kombu's own by scheme)."""
+    if not settings.broker_transport_holds_pending:
+        return None
+    return "app.transport:SentinelTransport" if settings.broker_is_sentinel else "app.transport:Transport"
 
 
 def queue_config(settings: Settings) -> dict[str, Any]:

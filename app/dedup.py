@@ -37,6 +37,15 @@ return 0
 # One round trip: take the claim if nobody holds the key; if the event was applied from a copy
 # that arrived no later than this one, drop it from the pending set and say so; else tell who
 # holds the key. Times are stamps in one fixed format, so they compare as strings.
+#
+# Keys and Redis Cluster: on RabbitMQ, Redis is only this cache, and it may be a cluster. Then
+# every script and transaction here touches one key, the event's own, so each lands in one hash
+# slot and events spread over the cluster. The pending set (KEYS[2..4], and finish's drop) is
+# used only when Redis is the broker, and a broker cannot be a cluster (kombu's transport keeps
+# its queues, unacked hash and their index in several keys it reads together), so there the
+# cache shares one server with the broker. Putting the pending keys and every dedup key under
+# one {hash tag} instead would keep them in one slot, but a single slot is a single node: no
+# cluster at all.
 _CLAIM = """
 local current = redis.call('get', KEYS[1])
 if not current then
@@ -44,9 +53,11 @@ if not current then
   return 'claimed'
 end
 if string.sub(current, 1, 5) == 'done:' and ARGV[4] >= string.sub(current, 6) then
-  redis.call('hdel', KEYS[2], ARGV[3])
-  redis.call('zrem', KEYS[3], ARGV[3])
-  redis.call('hdel', KEYS[4], ARGV[3])
+  if #KEYS == 4 then
+    redis.call('hdel', KEYS[2], ARGV[3])
+    redis.call('zrem', KEYS[3], ARGV[3])
+    redis.call('hdel', KEYS[4], ARGV[3])
+  end
   return 'duplicate'
 end
 return current
@@ -61,10 +72,10 @@ def claim(key: str, owner: str, received_at: datetime) -> str:
     """'claimed' (ours to apply), 'duplicate' (applied from a copy no later than this one; dropped
     from pending), 'earlier' (applied, but this copy arrived first) or 'busy' (another task holds it)."""
     token = f"claim:{owner}"
-    state = _client().eval(
-        _CLAIM, 4, DEDUP_PREFIX + key, pending.PENDING_DATA, pending.PENDING_DUE, pending.PENDING_SENDS,
-        token, CLAIM_TTL_SECONDS, key, stamp(received_at),
-    ).decode()
+    keys = [DEDUP_PREFIX + key]
+    if pending.in_use():
+        keys += [pending.PENDING_DATA, pending.PENDING_DUE, pending.PENDING_SENDS]
+    state = _client().eval(_CLAIM, len(keys), *keys, token, CLAIM_TTL_SECONDS, key, stamp(received_at)).decode()
     if state in {"claimed", "duplicate"}:
         return state
     if state.startswith(DONE):

@@ -8,12 +8,20 @@
   response-callback tables) costs as much as the LPUSH it is made for. A client over the
   channel's connection pool holds no connection of its own and is thread-safe, so the channel
   keeps one. The asynchronous (BRPOP) client a worker consumes with is left as kombu makes it.
+- With ``min_replicas`` (REDIS_MIN_REPLICAS) a held write is followed by ``WAIT`` on the same
+  connection, in the same round trip (one non-transactional pipeline): the publish fails unless
+  that many replicas acknowledged it, so an acknowledged event survives the loss of the master.
+- The same channel serves one Redis server (``redis://``) and the master a Sentinel group names
+  (``sentinel://``, kombu's Sentinel channel underneath, which finds the master again after a
+  failover).
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
@@ -37,9 +45,21 @@ return redis.call('lpush', KEYS[3], ARGV[4])
 """
 
 
-class Channel(kombu_redis.Channel):
+_PUT_HELD_SHA = hashlib.sha1(_PUT_HELD.encode(), usedforsecurity=False).hexdigest()  # how Redis names scripts
+
+
+class ReplicasBehind(redis.RedisError):
+    """Fewer replicas than REDIS_MIN_REPLICAS acknowledged a held write in time."""
+
+
+class HoldingChannel:
+    """What the project adds to kombu's Redis channels (mixed into the plain and the Sentinel one)."""
+
     _sync_client: Any = None
     _put_held_script: Any = None
+    # Transport options (REDIS_MIN_REPLICAS, REDIS_REPLICA_TIMEOUT_MS): 0 waits for no replica.
+    min_replicas: int = 0
+    replica_timeout_ms: int = 200
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
@@ -56,11 +76,53 @@ class Channel(kombu_redis.Channel):
             return super()._put(queue, message, **kwargs)
         key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
         with self.conn_or_acquire() as client:
+            if self.min_replicas:
+                self._put_held_and_wait(client, [hold["hash"], hold["zset"], key],
+                                        [hold["field"], hold["value"], hold["score"], dumps(message)])
+                return
             if self._put_held_script is None:
                 self._put_held_script = client.register_script(_PUT_HELD)
             self._put_held_script(keys=[hold["hash"], hold["zset"], key],
                                   args=[hold["field"], hold["value"], hold["score"], dumps(message)], client=client)
 
 
+    def _put_held_and_wait(self, client: redis.Redis, keys: list[str], args: list[Any]) -> None:
+        """The script, then WAIT, in one round trip on one connection (WAIT counts the replicas
+        that hold every write its own connection made). redis-py's Script object would add a
+        SCRIPT EXISTS round trip to a pipeline, so the script is sent by its SHA-1 and loaded only
+        when the server does not know it (first use, or a newly promoted master)."""
+        for attempt in (1, 2):
+            pipe = client.pipeline(transaction=False)
+            pipe.evalsha(_PUT_HELD_SHA, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", self.min_replicas, self.replica_timeout_ms)
+            written, acknowledged = pipe.execute(raise_on_error=False)
+            if isinstance(written, redis.exceptions.NoScriptError) and attempt == 1:
+                client.script_load(_PUT_HELD)
+                continue
+            if isinstance(written, Exception):
+                raise written
+            if isinstance(acknowledged, Exception):
+                raise acknowledged
+            if int(acknowledged) < self.min_replicas:
+                raise ReplicasBehind(f"{acknowledged} of {self.min_replicas} replicas acknowledged the write "
+                                     f"within {self.replica_timeout_ms} ms")
+            return
+
+
+_OPTIONS = ("min_replicas", "replica_timeout_ms")
+
+
+class Channel(HoldingChannel, kombu_redis.Channel):
+    from_transport_options = kombu_redis.Channel.from_transport_options + _OPTIONS
+
+
+class SentinelChannel(HoldingChannel, kombu_redis.SentinelChannel):
+    from_transport_options = kombu_redis.SentinelChannel.from_transport_options + _OPTIONS
+
+
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel

@@ -26,9 +26,13 @@ class Stack:
     READY_TIMEOUT = 60
 
     def __init__(self, workdir: Path, database_url: str, worker_concurrency: int = 2, workers: int = 1,
-                 beat: bool = False, persistent_redis: bool = False, **env: str) -> None:
+                 beat: bool = False, persistent_redis: bool = False, redis_url: str | None = None,
+                 **env: str) -> None:
         self.workdir = workdir
         self.redis = RedisServer(workdir / "redis", persistent=persistent_redis)
+        # A Redis the test runs itself (e.g. a Sentinel group): then self.redis is not started.
+        self.own_redis = redis_url is None
+        self.redis_url = redis_url or self.redis.url
         self.port = free_port()
         self.database_url = database_url
         self.worker_concurrency = worker_concurrency
@@ -45,7 +49,7 @@ class Stack:
         return {
             **os.environ,
             "DATABASE_URL": self.database_url,
-            "REDIS_URL": self.redis.url,
+            "REDIS_URL": self.redis_url,
             "API_KEYS": API_KEY,
             "LOG_FORMAT": "json",
             "PORT": str(self.port),
@@ -59,7 +63,8 @@ class Stack:
     def start(self) -> Stack:
         """Every process started and ready: the web answers /readyz, each worker has said it is
         ready (it consumes its queues), beat has started its schedule."""
-        self.redis.start()
+        if self.own_redis:
+            self.redis.start()
         subprocess.run([str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"], cwd=ROOT, env=self.env(), check=True,
                        capture_output=True, timeout=120)
         self.start_web(wait=False)
@@ -140,7 +145,8 @@ class Stack:
     def stop(self) -> None:
         """Every process and the Redis server, each also when stopping another one failed."""
         with contextlib.ExitStack() as stops:
-            stops.callback(self.redis.stop)
+            if self.own_redis:
+                stops.callback(self.redis.stop)
             for name in list(self.processes):
                 stops.callback(self.stop_process, name)
 

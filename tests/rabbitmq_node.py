@@ -1,0 +1,112 @@
+"""A RabbitMQ node of the test's own, beside the machine's shared one (which is never touched).
+
+It has its own node name, AMQP and distribution ports (free ones), Mnesia and log folders, an
+empty plugin list (no management listener to collide with the shared node's) and a config that
+names only its own listener (the machine's /etc/rabbitmq/rabbitmq.conf would bind 5672). As root
+it runs as the ``rabbitmq`` user, in a folder that user owns. Stopping it (SIGTERM) is RabbitMQ's
+graceful shutdown; starting it again on the same folders recovers durable queues and their
+persistent messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import kombu
+
+from tests.support import free_port, wait_for
+
+SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+
+
+class RabbitNode:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.name = f"voicetest-{uuid.uuid4().hex[:8]}@localhost"
+        self.workdir = Path(tempfile.mkdtemp(prefix="voice-rabbitmq-"))
+        self.process: subprocess.Popen[bytes] | None = None
+        (self.workdir / "mnesia").mkdir()
+        (self.workdir / "log").mkdir()
+        (self.workdir / "home").mkdir()
+        (self.workdir / "rabbitmq.conf").write_text(f"listeners.tcp.1 = 127.0.0.1:{self.port}\n")
+        (self.workdir / "enabled_plugins").write_text("[].\n")
+        self.as_root = os.geteuid() == 0
+        if self.as_root:
+            for path in [self.workdir, *self.workdir.rglob("*")]:
+                shutil.chown(path, "rabbitmq", "rabbitmq")
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "PATH": "/usr/sbin:/usr/bin:/bin",
+            "HOME": str(self.workdir / "home"),  # an Erlang cookie of its own
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.workdir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.workdir / "log"),
+            "RABBITMQ_CONFIG_FILE": str(self.workdir / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.workdir / "enabled_plugins"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+
+    def start(self, timeout: float = 90) -> float:
+        """Start the node and wait until it takes AMQP connections; returns how long that took."""
+        started = time.monotonic()
+        argv = (["runuser", "-u", "rabbitmq", "--"] if self.as_root else []) + [SERVER]
+        log = open(self.workdir / "server.out", "ab")  # noqa: SIM115 - the process owns it
+        self.process = subprocess.Popen(argv, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        wait_for(self._answers, timeout=timeout, interval=0.3)
+        return time.monotonic() - started
+
+    def _answers(self) -> bool:
+        if self.process is None or self.process.poll() is not None:
+            raise RuntimeError(f"rabbitmq-server exited: {self.log()[-2000:]}")
+        with kombu.Connection(self.url, connect_timeout=1) as connection:
+            connection.ensure_connection(max_retries=1)
+        return True
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
+        """SIGTERM: RabbitMQ's graceful shutdown (SIGKILL after ``timeout``)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, sig)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        # beam is a grandchild: wait until nothing of the group is left.
+        wait_for(lambda: not _group_alive(self.process.pid), timeout=timeout, interval=0.2)
+
+    def log(self) -> str:
+        path = self.workdir / "server.out"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def remove(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop(signal.SIGKILL, timeout=10)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
