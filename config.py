@@ -225,8 +225,10 @@ class Settings:
     @property
     def broker_transport_holds_pending(self) -> bool:
         """The project's transport (``app.transport``) serves this broker URL and writes the
-        pending entry with the message; other Redis URLs hold it in a round trip of its own."""
-        return self.broker_url.startswith(HOLDING_BROKER_SCHEMES)
+        pending entry with the message; other Redis URLs hold it in a round trip of its own. So
+        does a broker on another Redis than REDIS_URL's: the worker and the sweeper keep the
+        pending set on REDIS_URL's server, where the broker's script cannot write."""
+        return self.broker_url.startswith(HOLDING_BROKER_SCHEMES) and self.broker_url == self.redis_url
 
     @property
     def redis_is_sentinel(self) -> bool:
@@ -306,9 +308,9 @@ class Settings:
             raise ConfigError(f"REDIS_SENTINEL_MASTER must be a name without spaces, got {master!r}")
         if self.redis_min_replicas and not self.broker_transport_holds_pending:
             raise ConfigError(
-                "REDIS_MIN_REPLICAS applies to the Redis broker's write (redis:// or sentinel://); "
-                "on RabbitMQ the broker's publisher confirms are the guarantee, and rediss:// and "
-                "unix:// brokers cannot wait for replicas"
+                "REDIS_MIN_REPLICAS applies to the Redis broker's write (redis:// or sentinel://, the "
+                "same Redis as REDIS_URL); on RabbitMQ the broker's publisher confirms are the "
+                "guarantee, and rediss://, unix:// and separate Redis brokers cannot wait for replicas"
             )
         _check_hook(self.voice_hook_task, self.voice_hook_queue)
         check_retention_days(self.event_retention_days, self.dedup_ttl_seconds, "EVENT_RETENTION_DAYS")

@@ -164,3 +164,22 @@ def test_on_the_redis_broker_the_worker_waits_for_redis(make_app, settings: Sett
     app = make_app(dataclasses.replace(settings, redis_url=nowhere))
     with app.app_context(), pytest.raises(redis.ConnectionError):
         deliver(envelope(1), owner="task-1")
+
+
+def test_a_broker_on_another_redis_keeps_the_pending_set_where_the_worker_reads_it(
+        make_app, settings: Settings, tmp_path) -> None:
+    """The pending entry goes to REDIS_URL's server (the workers drop it there, the sweeper reads
+    it there); only the message goes to the broker's."""
+    from tests.support import RedisServer
+
+    other = RedisServer(tmp_path / "broker").start()
+    try:
+        app = make_app(dataclasses.replace(settings, celery_broker_url=other.url))
+        assert app.test_client().post(URL, data=webhook(1)).status_code == 200
+        cache, broker = redis.Redis.from_url(settings.redis_url), redis.Redis.from_url(other.url)
+        assert (cache.hlen(PENDING_DATA), cache.zcard(PENDING_DUE), cache.llen(WEBHOOK_QUEUE)) == (1, 1, 0)
+        assert (broker.hlen(PENDING_DATA), broker.llen(WEBHOOK_QUEUE)) == (0, 1)
+        cache.close()
+        broker.close()
+    finally:
+        other.stop()
