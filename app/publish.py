@@ -57,7 +57,7 @@ def send(envelope: Envelope, queue: str, hold: bool = False) -> None:
         due = time.time() + settings.pending_redelivery_seconds
         if settings.broker_transport_holds_pending:
             headers = {HOLD_HEADER: pending.entry(key, envelope, due)}
-        else:  # a Redis broker URL the project's transport does not serve: two round trips
+        else:  # rediss://, unix://, or a Redis other than REDIS_URL's: the entry in a round trip of its own
             pending.add(pending.redis_client(), key, envelope, due)
     message = envelope.message
     args = (message, envelope.received_at, envelope.request_id)
