@@ -22,7 +22,7 @@ from pathlib import Path
 
 import kombu
 
-from tests.support import free_port, wait_for
+from tests.support import free_port, group_members, stop_group, wait_for
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 
@@ -80,19 +80,12 @@ class RabbitNode:
         return True
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
-        """SIGTERM: RabbitMQ's graceful shutdown (SIGKILL after ``timeout``)."""
-        if self.process is None or self.process.poll() is not None:
+        """SIGTERM: RabbitMQ's graceful shutdown (SIGKILL after ``timeout``), until nothing of its
+        process group is left alive (beam is a grandchild; an exited one the suite adopted stays a
+        zombie, which holds nothing)."""
+        if self.process is None or (self.process.poll() is not None and not group_members(self.process.pid)):
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, sig)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        # beam is a grandchild: wait until nothing of the group is left.
-        wait_for(lambda: not _group_alive(self.process.pid), timeout=timeout, interval=0.2)
+        stop_group(self.process, sig, timeout)
 
     def log(self) -> str:
         path = self.workdir / "server.out"
@@ -102,11 +95,3 @@ class RabbitNode:
         with contextlib.suppress(Exception):
             self.stop(signal.SIGKILL, timeout=10)
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
