@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -345,3 +346,33 @@ def queued_on_rabbitmq(broker_url: str) -> int:
     done = subprocess.run([_rabbitmqctl(), "list_queues", "-p", vhost, "--quiet", "--no-table-headers", "name",
                            "messages"], capture_output=True, text=True, check=True, timeout=60)
     return sum(int(line.split()[1]) for line in done.stdout.splitlines() if line.strip())
+
+
+def sent_to_redis(redis_url: str, work: Callable[[], None]) -> list[dict[str, Any]]:
+    """What clients sent to a Redis while ``work`` ran (MONITOR entries: ``command``,
+    ``client_address``, ``client_port``), leaving out the commands scripts ran inside Redis: each
+    entry is one command a client sent."""
+    seen: list[dict[str, Any]] = []
+    monitor_client, ender = redis.Redis.from_url(redis_url), redis.Redis.from_url(redis_url)
+    ender.ping()  # connected before MONITOR starts, so its handshake is not counted
+    with monitor_client.monitor() as monitor:
+        ready = threading.Event()
+
+        def listen() -> None:
+            ready.set()
+            for entry in monitor.listen():
+                if entry["command"] == "ECHO end-of-test":
+                    return
+                if entry["client_type"] != "lua":
+                    seen.append(entry)
+
+        listener = threading.Thread(target=listen)
+        listener.start()
+        ready.wait()
+        time.sleep(0.2)  # MONITOR is on before the first command is sent
+        work()
+        ender.echo("end-of-test")
+        listener.join(timeout=10)
+    monitor_client.close()
+    ender.close()
+    return seen

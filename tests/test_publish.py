@@ -5,8 +5,6 @@ pending set and no Redis at all, and Redis only the dedup cache the worker can d
 from __future__ import annotations
 
 import dataclasses
-import threading
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -22,7 +20,7 @@ from app.models import WebhookEvent
 from app.pending import PENDING_DATA, PENDING_DUE
 from app.queues import WEBHOOK_QUEUE
 from config import Settings
-from tests.support import free_port, rabbitmq_vhost
+from tests.support import free_port, rabbitmq_vhost, sent_to_redis
 
 URL = "/api/v1/voice/webhook"
 
@@ -45,32 +43,8 @@ def webhook(n: int) -> dict[str, str]:
 
 
 def client_commands(redis_url: str, work: Callable[[], None]) -> list[str]:
-    """The commands clients sent to Redis while ``work`` ran (MONITOR), without those a script
-    ran inside Redis: each is one round trip."""
-    seen: list[str] = []
-    monitor_client, ender = redis.Redis.from_url(redis_url), redis.Redis.from_url(redis_url)
-    ender.ping()  # connected before MONITOR starts, so its handshake is not counted
-    with monitor_client.monitor() as monitor:
-        ready = threading.Event()
-
-        def listen() -> None:
-            ready.set()
-            for entry in monitor.listen():
-                if entry["command"] == "ECHO end-of-test":
-                    return
-                if entry["client_type"] != "lua":
-                    seen.append(entry["command"].split(" ", 1)[0].upper())
-
-        listener = threading.Thread(target=listen)
-        listener.start()
-        ready.wait()
-        time.sleep(0.2)  # MONITOR is on before the first command is sent
-        work()
-        ender.echo("end-of-test")
-        listener.join(timeout=10)
-    monitor_client.close()
-    ender.close()
-    return seen
+    """The command names clients sent while ``work`` ran: each is one round trip."""
+    return [entry["command"].split(" ", 1)[0].upper() for entry in sent_to_redis(redis_url, work)]
 
 
 def test_an_accepted_webhook_is_one_round_trip_to_redis(app: Flask) -> None:

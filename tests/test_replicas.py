@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from flask import Flask
 
 from app.pending import PENDING_DATA
 from app.queues import WEBHOOK_QUEUE
 from config import ConfigError, Settings
 from tests.redis_ha import MASTER_NAME, ReplicatedRedis, SentinelGroup
+from tests.support import sent_to_redis
 
 URL = "/api/v1/voice/webhook"
 # Longer than the environment may set (tests build Settings directly), so that a replica slowed
@@ -87,33 +86,9 @@ def test_without_the_replica_a_webhook_is_refused_within_the_timeout(waiting_app
 
 
 def commands_by_client(redis_url: str, work: Callable[[], None]) -> list[tuple[str, str]]:
-    """(client address, command) for every command clients sent while ``work`` ran (MONITOR),
-    leaving out those a script ran inside Redis."""
-    seen: list[tuple[str, str]] = []
-    monitor_client, ender = redis.Redis.from_url(redis_url), redis.Redis.from_url(redis_url)
-    ender.ping()
-    with monitor_client.monitor() as monitor:
-        ready = threading.Event()
-
-        def listen() -> None:
-            ready.set()
-            for entry in monitor.listen():
-                if entry["command"] == "ECHO end-of-test":
-                    return
-                if entry["client_type"] != "lua":
-                    seen.append((f"{entry['client_address']}:{entry['client_port']}",
-                                 entry["command"].split(" ", 1)[0].upper()))
-
-        listener = threading.Thread(target=listen)
-        listener.start()
-        ready.wait()
-        time.sleep(0.2)  # MONITOR is on before the first command is sent
-        work()
-        ender.echo("end-of-test")
-        listener.join(timeout=10)
-    monitor_client.close()
-    ender.close()
-    return seen
+    """(client address, command name) for every command clients sent while ``work`` ran."""
+    return [(f"{entry['client_address']}:{entry['client_port']}", entry["command"].split(" ", 1)[0].upper())
+            for entry in sent_to_redis(redis_url, work)]
 
 
 def test_the_write_and_its_wait_go_together_on_one_connection(waiting_app: Flask,
