@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import redis
+
 from tests.support import ROOT, RedisServer, free_port, queued_on_rabbitmq, spawn, stop_group, wait_for
 
 API_KEY = "e2e-api-key"
@@ -199,11 +201,15 @@ class Stack:
     def wait_for_events(self, session_id: str, count: int, timeout: float = 30) -> list[dict]:
         return wait_for(lambda: len(self.events(session_id)) >= count and self.events(session_id), timeout=timeout)
 
+    def redis_client(self) -> redis.Redis:
+        """A client of the Redis the stack's processes use: its own server, or the one it was given
+        (a Sentinel group's URL names no server: then its own, unused one, as before)."""
+        url = self.redis_url if self.redis_url.startswith("redis://") else self.redis.url
+        return redis.Redis.from_url(url)
+
     def wait_until_idle(self, timeout: float = 60) -> None:
         """Until the queue is drained and nothing is pending (applied or dead-lettered)."""
-        import redis
-
-        client = redis.Redis.from_url(self.redis.url)
+        client = self.redis_client()
 
         def idle() -> bool:
             broker_url = self.extra_env.get("CELERY_BROKER_URL")

@@ -299,7 +299,7 @@ def wait_until_applied(stack: Stack, events: list[dict[str, str]], timeout: floa
     or unacknowledged, nothing pending for the sweeper) for NOTHING_LEFT_SECONDS."""
     started = time.monotonic()
     wanted = {ident(fields) for fields in events}
-    client = redis.Redis.from_url(stack.redis.url)
+    client = stack.redis_client()
     redis_broker = "CELERY_BROKER_URL" not in stack.extra_env
 
     def holds_nothing() -> bool:
@@ -383,7 +383,7 @@ def worker_killed(workdir: Path, seed: int = 1) -> Tally:
     """SIGKILL the worker's process group while tasks are in flight, then start it again."""
     events = make_events(sessions=60, participants=3, per_session=5, seed=seed, prefix="kill")
     with fault_stack(workdir, **SWEEPER) as (stack, _pg):
-        client = redis.Redis.from_url(stack.redis.url)
+        client = stack.redis_client()
         with in_background(lambda: post_all(stack, events, threads=4, pace=0.01)) as load:
             wait_for(lambda: len(applications(stack)) >= 40, timeout=BACKLOG_SECONDS)  # the worker is busy
             held = client.hlen("unacked") + client.llen("voice-webhooks")  # taken or waiting for a worker
@@ -407,7 +407,7 @@ def taken_but_never_recorded(workdir: Path, seed: int = 2) -> Tally:
     with fault_stack(workdir, **SWEEPER) as (stack, _pg):
         stack.stop_process("worker")
         answers = post_all(stack, events)
-        client = redis.Redis.from_url(stack.redis.url)
+        client = stack.redis_client()
         vanished = [client.rpop("voice-webhooks") for _ in range(10)]  # oldest ten, gone
         assert all(vanished) and client.hlen("unacked") == 0  # nowhere for kombu to restore them from
         started = time.monotonic()
@@ -434,7 +434,7 @@ def redis_down_at_ingress(workdir: Path, seed: int = 3) -> Tally:
         during: list[Attempt] = []
         first, outage, rest = events[:60], events[60:90], events[90:]
         early = post_all(stack, first)
-        client = redis.Redis.from_url(stack.redis.url)
+        client = stack.redis_client()
         pending_at_outage = client.zcard("voice:pending:due")
         client.close()
         stack.redis.stop()
@@ -487,7 +487,7 @@ def dead_letters(workdir: Path, seed: int = 5) -> Tally:
     with fault_stack(workdir, EVENT_MAX_RETRIES=str(DEAD_LETTER_RETRIES)) as (stack, postgres):
         postgres.stop("immediate")
         answers = post_all(stack, events)
-        client = redis.Redis.from_url(stack.redis.url)
+        client = stack.redis_client()
         wait_for(lambda: client.llen("voice:dead-letters") == len(events), timeout=DEAD_LETTER_WAIT)
         postgres.start()
         listed = stack.flask("voice", "dead-letters")
@@ -510,7 +510,7 @@ def redis_forgot(workdir: Path, seed: int = 6) -> Tally:
         post_all(stack, events)
         wait_until_applied(stack, events, timeout=BACKLOG_SECONDS)
         stack.wait_until_idle(timeout=BACKLOG_SECONDS)
-        redis.Redis.from_url(stack.redis.url).flushall()
+        stack.redis_client().flushall()
         answers = post_all(stack, events)  # every event again
 
         def duplicates() -> int:
@@ -662,7 +662,7 @@ def copies_out_of_order(workdir: Path, seed: int = 9) -> Tally:
         # One at a time: no two requests in flight at once, so the client knows the order of arrival.
         first = post_all(stack, events, threads=1)
         second = post_all(stack, events, threads=1)  # starts once every first copy was answered
-        client = redis.Redis.from_url(stack.redis.url)
+        client = stack.redis_client()
         queued = client.lrange("voice-webhooks", 0, -1)  # newest first; workers take from the end
         pipe = client.pipeline(transaction=True)
         pipe.delete("voice-webhooks")
