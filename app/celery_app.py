@@ -93,8 +93,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": TASK_TIME_LIMIT,
         "task_default_queue": WEBHOOK_QUEUE,
         "task_routes": {SWEEP_TASK: {"queue": MAINTENANCE_QUEUE}, PRUNE_TASK: {"queue": MAINTENANCE_QUEUE}},
-        # Flower shows tasks only from workers that send events.
-        "worker_send_task_events": True,
+        # No task events unless someone watches: they cost three Redis PUBLISHes per task. Flower
+        # turns them on in every worker when it starts (and every few seconds after: its
+        # enable_events option), so it still sees every task; `celery worker -E` turns them on too.
+        "worker_send_task_events": False,
         # No task-sent event from the web: it cost one more Redis publish on every webhook (a
         # fifth of the ack time), and Flower learns of each task from the worker's events anyway.
         "task_send_sent_event": False,
