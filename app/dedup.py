@@ -13,7 +13,7 @@ import redis
 import structlog
 from flask import current_app
 
-from app import pending
+from app import pending, transport
 from app.timeutil import stamp
 
 log = structlog.get_logger(__name__)
@@ -36,7 +36,10 @@ return 0
 
 # One round trip: take the claim if nobody holds the key; if the event was applied from a copy
 # that arrived no later than this one, drop it from the pending set and say so; else tell who
-# holds the key. Times are stamps in one fixed format, so they compare as strings.
+# holds the key. Times are stamps in one fixed format, so they compare as strings. Given the
+# broker's unacknowledged hash and index and the message's delivery tag (KEYS[5..6], ARGV[5]: the
+# task runs where its message is consumed), a duplicate also acknowledges its message here, and the
+# worker's own acknowledgement then costs no round trip.
 #
 # Keys and Redis Cluster: on RabbitMQ, Redis is only this cache, and it may be a cluster. Then
 # every script and transaction here touches one key, the event's own, so each lands in one hash
@@ -53,10 +56,14 @@ if not current then
   return 'claimed'
 end
 if string.sub(current, 1, 5) == 'done:' and ARGV[4] >= string.sub(current, 6) then
-  if #KEYS == 4 then
+  if #KEYS >= 4 then
     redis.call('hdel', KEYS[2], ARGV[3])
     redis.call('zrem', KEYS[3], ARGV[3])
     redis.call('hdel', KEYS[4], ARGV[3])
+  end
+  if #KEYS == 6 then
+    redis.call('hdel', KEYS[5], ARGV[5])
+    redis.call('zrem', KEYS[6], ARGV[5])
   end
   return 'duplicate'
 end
@@ -68,14 +75,22 @@ def _client() -> redis.Redis:
     return current_app.extensions["redis"]
 
 
-def claim(key: str, owner: str, received_at: datetime) -> str:
+def claim(key: str, owner: str, received_at: datetime, delivery_tag: str | None = None) -> str:
     """'claimed' (ours to apply), 'duplicate' (applied from a copy no later than this one; dropped
-    from pending), 'earlier' (applied, but this copy arrived first) or 'busy' (another task holds it)."""
+    from pending, and its message acknowledged when ``delivery_tag`` names one this process
+    consumes), 'earlier' (applied, but this copy arrived first) or 'busy' (another task holds it)."""
     token = f"claim:{owner}"
     keys = [DEDUP_PREFIX + key]
+    args: list[object] = [token, CLAIM_TTL_SECONDS, key, stamp(received_at)]
+    unacked = transport.unacked_keys() if delivery_tag is not None else None
     if pending.in_use():
         keys += [pending.PENDING_DATA, pending.PENDING_DUE, pending.PENDING_SENDS]
-    state = _client().eval(_CLAIM, len(keys), *keys, token, CLAIM_TTL_SECONDS, key, stamp(received_at)).decode()
+        if unacked is not None:
+            keys += list(unacked)
+            args.append(delivery_tag)
+    state = _client().eval(_CLAIM, len(keys), *keys, *args).decode()
+    if state == "duplicate" and len(keys) == 6:
+        transport.acked_by_task(delivery_tag)
     if state in {"claimed", "duplicate"}:
         return state
     if state.startswith(DONE):
@@ -84,14 +99,23 @@ def claim(key: str, owner: str, received_at: datetime) -> str:
     return "claimed" if state == token else "busy"
 
 
-def finish(key: str, received_at: datetime) -> None:
+def finish(key: str, received_at: datetime, delivery_tag: str | None = None) -> None:
     """Applied: remember it for DEDUP_TTL_SECONDS with the arrival time it was applied at, and
-    drop it from the pending set (Redis broker), in one round trip."""
+    drop it from the pending set (Redis broker), in one round trip: the message's acknowledgement
+    when this process consumes it (``delivery_tag``), else one of its own."""
     ttl = current_app.extensions["settings"].dedup_ttl_seconds
+    done = f"{DONE}:{stamp(received_at)}"
+    drop = pending.in_use()
+
+    def write(pipe: redis.client.Pipeline) -> None:
+        pipe.set(DEDUP_PREFIX + key, done, ex=ttl)
+        if drop:
+            pending.drop(pipe, key)
+
+    if drop and transport.ride_on_ack(delivery_tag, write):
+        return
     pipe = _client().pipeline(transaction=True)
-    pipe.set(DEDUP_PREFIX + key, f"{DONE}:{stamp(received_at)}", ex=ttl)
-    if pending.in_use():
-        pending.drop(pipe, key)
+    write(pipe)
     pipe.execute()
 
 

@@ -11,6 +11,11 @@
 - With ``min_replicas`` (REDIS_MIN_REPLICAS) a held write is followed by ``WAIT`` on the same
   connection, in the same round trip (one non-transactional pipeline): the publish fails unless
   that many replicas acknowledged it, so an acknowledged event survives the loss of the master.
+- A task that runs in the process that consumes its message (the solo and threads pools) can hand
+  its own writes to the message's acknowledgement (``ride_on_ack``): they go in the ack's
+  MULTI/EXEC, one round trip for both; a task that acknowledged its message itself, inside a
+  script of its own, says so (``acked_by_task``) and the ack costs no round trip. In a prefork pool
+  process neither applies (the parent acknowledges): the task writes on its own, as before.
 - The same channel serves one Redis server (``redis://``) and the master a Sentinel group names
   (``sentinel://``, kombu's Sentinel channel underneath, which finds the master again after a
   failover).
@@ -19,6 +24,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -50,6 +58,77 @@ _PUT_HELD_SHA = hashlib.sha1(_PUT_HELD.encode(), usedforsecurity=False).hexdiges
 
 class ReplicasBehind(redis.RedisError):
     """Fewer replicas than REDIS_MIN_REPLICAS acknowledged a held write in time."""
+
+
+class _Acks:
+    """Per process: where the consuming channel keeps unacknowledged messages, and what tasks
+    added to their messages' acknowledgements. Filled only in the process whose channel consumes
+    (its pid is recorded: a forked pool process inherits a copy and must not use it)."""
+
+    pid: int | None = None
+    keys: tuple[str, str] = ("unacked", "unacked_index")
+    riders: dict[str, Callable[[Any], None]] = {}
+    acked: set[str] = set()
+    lock = threading.Lock()
+
+
+def consumes_here() -> bool:
+    """True in the process whose channel consumes the messages its tasks run for."""
+    return _Acks.pid == os.getpid()
+
+
+def unacked_keys() -> tuple[str, str] | None:
+    """The unacknowledged messages' hash and index, when this process consumes them."""
+    return _Acks.keys if consumes_here() else None
+
+
+def ride_on_ack(delivery_tag: str | None, add: Callable[[Any], None]) -> bool:
+    """Have ``add(pipe)`` put its commands in the MULTI/EXEC that acknowledges this message; False
+    (nothing registered: write now) where the message is acknowledged by another process."""
+    if delivery_tag is None or not consumes_here():
+        return False
+    with _Acks.lock:
+        _Acks.riders[delivery_tag] = add
+    return True
+
+
+def acked_by_task(delivery_tag: str) -> None:
+    """The task removed its message from the unacknowledged set itself (in a script of its own)."""
+    with _Acks.lock:
+        _Acks.acked.add(delivery_tag)
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's acknowledgement, carrying what the task added to it (see ``ride_on_ack``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _Acks.pid = os.getpid()
+        _Acks.keys = (self.unacked_key, self.unacked_index_key)
+
+    def ack(self, delivery_tag: str) -> None:
+        with _Acks.lock:
+            rider = _Acks.riders.pop(delivery_tag, None)
+            acked = delivery_tag in _Acks.acked
+            _Acks.acked.discard(delivery_tag)
+        if acked:
+            kombu_redis.virtual.QoS.ack(self, delivery_tag)
+            return
+        pipe = self._remove_from_indices(delivery_tag)
+        if rider is not None:
+            rider(pipe)
+        pipe.execute()
+        kombu_redis.virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        with _Acks.lock:
+            rider = _Acks.riders.pop(delivery_tag, None)
+            _Acks.acked.discard(delivery_tag)
+        if rider is not None:  # what the task committed is remembered even when its message is rejected
+            with self.pipe_or_acquire() as pipe:
+                rider(pipe)
+                pipe.execute()
+        super().reject(delivery_tag, requeue=requeue)
 
 
 class HoldingChannel:
@@ -113,10 +192,12 @@ _OPTIONS = ("min_replicas", "replica_timeout_ms")
 
 
 class Channel(HoldingChannel, kombu_redis.Channel):
+    QoS = QoS
     from_transport_options = kombu_redis.Channel.from_transport_options + _OPTIONS
 
 
 class SentinelChannel(HoldingChannel, kombu_redis.SentinelChannel):
+    QoS = QoS
     from_transport_options = kombu_redis.SentinelChannel.from_transport_options + _OPTIONS
 
 
