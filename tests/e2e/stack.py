@@ -87,7 +87,9 @@ class Stack:
         text = self.log(name)[since:]
         if name == "beat":
             return "beat: Starting..." in text
-        return any(f"{name}-{self.port}@" in line and " ready." in line for line in text.splitlines())
+        ready = {line.split("@", 1)[0].rsplit(" ", 1)[-1] for line in text.splitlines()
+                 if f"{name}-{self.port}-" in line and " ready." in line}
+        return len(ready) >= self.worker_concurrency  # every process of the line
 
     def wait_ready(self, name: str) -> None:
         """Until the process ``name`` is ready since it was last started."""
@@ -118,10 +120,12 @@ class Stack:
                     PROMETHEUS_MULTIPROC_DIR=self.role_metrics_dir("web"))
 
     def start_worker(self, name: str = "worker", wait: bool = True) -> None:
+        """The Procfile's worker line: ``worker_concurrency`` solo worker processes under
+        scripts/worker_processes.py, one process group."""
         self._spawn(name, [
-            str(BIN / "celery"), "-A", "worker", "worker", "--loglevel=INFO",
-            "--queues=voice-webhooks,voice-replays,voice-maintenance",
-            f"--concurrency={self.worker_concurrency}", "--without-gossip", "--without-mingle",
+            sys.executable, str(ROOT / "scripts" / "worker_processes.py"), str(self.worker_concurrency),
+            str(BIN / "celery"), "-A", "worker", "worker", "--pool=solo", "--loglevel=INFO",
+            "--queues=voice-webhooks,voice-replays,voice-maintenance", "--without-gossip", "--without-mingle",
             f"--hostname={name}-{self.port}@%h",
         ], wait, PROMETHEUS_MULTIPROC_DIR=self.role_metrics_dir("worker"))
 

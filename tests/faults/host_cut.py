@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -62,8 +63,9 @@ def start_worker_on(stack: Stack, host: Host, name: str, redis_port: int, pg_por
            "REDIS_URL": f"redis://{host.server_address}:{redis_port}/0",
            "DATABASE_URL": f"postgresql+psycopg://postgres@{host.server_address}:{pg_port}/postgres"}
     argv = host.command([
-        str(BIN / "celery"), "-A", "worker", "worker", "--loglevel=INFO",
-        "--queues=voice-webhooks,voice-replays,voice-maintenance", "--concurrency=2",
+        sys.executable, str(ROOT / "scripts" / "worker_processes.py"), "2",
+        str(BIN / "celery"), "-A", "worker", "worker", "--pool=solo", "--loglevel=INFO",
+        "--queues=voice-webhooks,voice-replays,voice-maintenance",
         "--without-gossip", "--without-mingle", f"--hostname={name}-{stack.port}@%h",
     ])
     log = open(stack.workdir / f"worker-{name}.log", "ab")  # noqa: SIM115 - the process owns it
