@@ -75,22 +75,24 @@ def _client() -> redis.Redis:
     return current_app.extensions["redis"]
 
 
-def claim(key: str, owner: str, received_at: datetime, delivery_tag: str | None = None) -> str:
+def claim(key: str, owner: str, received_at: datetime) -> str:
     """'claimed' (ours to apply), 'duplicate' (applied from a copy no later than this one; dropped
-    from pending, and its message acknowledged when ``delivery_tag`` names one this process
-    consumes), 'earlier' (applied, but this copy arrived first) or 'busy' (another task holds it)."""
+    from pending, and its message acknowledged when this process consumes it: see
+    ``transport.current_delivery``), 'earlier' (applied, but this copy arrived first) or 'busy'
+    (another task holds it). ``owner`` is the task's id."""
     token = f"claim:{owner}"
     keys = [DEDUP_PREFIX + key]
     args: list[object] = [token, CLAIM_TTL_SECONDS, key, stamp(received_at)]
-    unacked = transport.unacked_keys() if delivery_tag is not None else None
+    delivery = None
     if pending.in_use():
         keys += [pending.PENDING_DATA, pending.PENDING_DUE, pending.PENDING_SENDS]
-        if unacked is not None:
-            keys += list(unacked)
-            args.append(delivery_tag)
+        delivery = transport.current_delivery(owner)
+        if delivery is not None:
+            keys += list(delivery.unacked_keys)
+            args.append(delivery.tag)
     state = _client().eval(_CLAIM, len(keys), *keys, *args).decode()
-    if state == "duplicate" and len(keys) == 6:
-        transport.acked_by_task(delivery_tag)
+    if state == "duplicate" and delivery is not None:
+        transport.acked_by_task(delivery.tag)
     if state in {"claimed", "duplicate"}:
         return state
     if state.startswith(DONE):
@@ -99,10 +101,10 @@ def claim(key: str, owner: str, received_at: datetime, delivery_tag: str | None 
     return "claimed" if state == token else "busy"
 
 
-def finish(key: str, received_at: datetime, delivery_tag: str | None = None) -> None:
+def finish(key: str, received_at: datetime, owner: str | None = None) -> None:
     """Applied: remember it for DEDUP_TTL_SECONDS with the arrival time it was applied at, and
-    drop it from the pending set (Redis broker), in one round trip: the message's acknowledgement
-    when this process consumes it (``delivery_tag``), else one of its own."""
+    drop it from the pending set (Redis broker), in one round trip: the acknowledgement of the
+    message of task ``owner`` when this process consumes it, else one of its own."""
     ttl = current_app.extensions["settings"].dedup_ttl_seconds
     done = f"{DONE}:{stamp(received_at)}"
     drop = pending.in_use()
@@ -112,7 +114,7 @@ def finish(key: str, received_at: datetime, delivery_tag: str | None = None) -> 
         if drop:
             pending.drop(pipe, key)
 
-    if drop and transport.ride_on_ack(delivery_tag, write):
+    if drop and owner is not None and transport.ride_on_ack(owner, write):
         return
     pipe = _client().pipeline(transaction=True)
     write(pipe)

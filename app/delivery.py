@@ -23,10 +23,8 @@ log = structlog.get_logger(__name__)
 REDIS_DOWN: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
 
 
-def deliver(envelope: Envelope, owner: str, delivery_tag: str | None = None) -> str:
+def deliver(envelope: Envelope, owner: str) -> str:
     """Apply one event exactly once in effect; returns the domain outcome or DUPLICATE.
-    ``delivery_tag`` (the broker's, for the message being run) lets the Redis writes go with its
-    acknowledgement where this process consumes it.
 
     Raises ClaimBusy, or the database's or Redis's own error, for the task to retry.
     """
@@ -35,7 +33,7 @@ def deliver(envelope: Envelope, owner: str, delivery_tag: str | None = None) -> 
     received_at = parse_rfc3339(envelope.received_at)
     cache_optional = not current_app.extensions["settings"].broker_is_redis
     try:
-        state = dedup.claim(key, owner, received_at, delivery_tag)
+        state = dedup.claim(key, owner, received_at)
     except REDIS_DOWN:
         if not cache_optional:
             raise  # Redis is the broker too: nothing can be acknowledged anyway, so retry
@@ -55,7 +53,7 @@ def deliver(envelope: Envelope, owner: str, delivery_tag: str | None = None) -> 
             dedup.release(key, owner)
             raise
     try:
-        dedup.finish(key, received_at, delivery_tag)
+        dedup.finish(key, received_at, owner)
     except REDIS_DOWN:
         if not cache_optional:
             raise

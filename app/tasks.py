@@ -62,8 +62,7 @@ def apply_webhook_event(self: Task, message: dict, received_at: str, request_id:
         request_id=request_id, task_id=self.request.id, session_id=message.get("session_id"), event_key=envelope.key
     )
     try:
-        tag = (self.request.delivery_info or {}).get("delivery_tag")
-        outcome = deliver(envelope, owner=self.request.id, delivery_tag=tag)
+        outcome = deliver(envelope, owner=self.request.id)
     except TRANSIENT_ERRORS as exc:
         attempts = self.request.retries + 1
         settings = current_app.extensions["settings"]

@@ -11,11 +11,11 @@
 - With ``min_replicas`` (REDIS_MIN_REPLICAS) a held write is followed by ``WAIT`` on the same
   connection, in the same round trip (one non-transactional pipeline): the publish fails unless
   that many replicas acknowledged it, so an acknowledged event survives the loss of the master.
-- A task that runs in the process that consumes its message (the solo and threads pools) can hand
-  its own writes to the message's acknowledgement (``ride_on_ack``): they go in the ack's
-  MULTI/EXEC, one round trip for both; a task that acknowledged its message itself, inside a
-  script of its own, says so (``acked_by_task``) and the ack costs no round trip. In a prefork pool
-  process neither applies (the parent acknowledges): the task writes on its own, as before.
+- A task that runs in the thread that consumes its message (the solo pool) can hand its own
+  writes to the message's acknowledgement (``ride_on_ack``): they go in the ack's MULTI/EXEC, one
+  round trip for both; a task that acknowledged its message itself, inside a script of its own,
+  says so (``acked_by_task``) and the ack costs no round trip. Elsewhere (a prefork pool process,
+  whose parent acknowledges; a pool thread) the task writes on its own, as before.
 - The same channel serves one Redis server (``redis://``) and the master a Sentinel group names
   (``sentinel://``, kombu's Sentinel channel underneath, which finds the master again after a
   failover).
@@ -27,10 +27,12 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.utils.json import dumps
 
 HOLD_HEADER = "x-voice-hold"
@@ -61,74 +63,96 @@ class ReplicasBehind(redis.RedisError):
 
 
 class _Acks:
-    """Per process: where the consuming channel keeps unacknowledged messages, and what tasks
-    added to their messages' acknowledgements. Filled only in the process whose channel consumes
-    (its pid is recorded: a forked pool process inherits a copy and must not use it)."""
+    """Per process: the messages its consuming channel took and has not acknowledged, by task id,
+    and what tasks added to their acknowledgements. Used only by a task running in the consuming
+    thread itself (the solo pool): a prefork pool process (the parent acknowledges) or a pool
+    thread (several messages of one task id could be reserved at once) writes on its own."""
 
     pid: int | None = None
+    thread: int | None = None
     keys: tuple[str, str] = ("unacked", "unacked_index")
-    riders: dict[str, Callable[[Any], None]] = {}
-    acked: set[str] = set()
-    lock = threading.Lock()
+    tags: dict[str, str] = {}  # task id -> delivery tag of its message taken last
+    ids: dict[str, str] = {}  # delivery tag -> task id
+    riders: dict[str, Callable[[Any], None]] = {}  # delivery tag -> adds commands to the ack
+    acked: set[str] = set()  # delivery tags the task acknowledged itself
 
 
-def consumes_here() -> bool:
-    """True in the process whose channel consumes the messages its tasks run for."""
-    return _Acks.pid == os.getpid()
+@dataclass(frozen=True)
+class Delivery:
+    tag: str
+    unacked_keys: tuple[str, str]  # kombu's hash of unacknowledged messages, and its index
 
 
-def unacked_keys() -> tuple[str, str] | None:
-    """The unacknowledged messages' hash and index, when this process consumes them."""
-    return _Acks.keys if consumes_here() else None
+def current_delivery(task_id: str) -> Delivery | None:
+    """The message task ``task_id`` runs for, when the calling thread is the one consuming it."""
+    if _Acks.pid != os.getpid() or _Acks.thread != threading.get_ident():
+        return None
+    tag = _Acks.tags.get(task_id)
+    return Delivery(tag, _Acks.keys) if tag is not None else None
 
 
-def ride_on_ack(delivery_tag: str | None, add: Callable[[Any], None]) -> bool:
-    """Have ``add(pipe)`` put its commands in the MULTI/EXEC that acknowledges this message; False
-    (nothing registered: write now) where the message is acknowledged by another process."""
-    if delivery_tag is None or not consumes_here():
+def ride_on_ack(task_id: str, add: Callable[[Any], None]) -> bool:
+    """Have ``add(pipe)`` put its commands in the MULTI/EXEC that acknowledges the task's message;
+    False (nothing registered: write now) where this thread does not consume that message."""
+    delivery = current_delivery(task_id)
+    if delivery is None:
         return False
-    with _Acks.lock:
-        _Acks.riders[delivery_tag] = add
+    _Acks.riders[delivery.tag] = add
     return True
 
 
 def acked_by_task(delivery_tag: str) -> None:
     """The task removed its message from the unacknowledged set itself (in a script of its own)."""
-    with _Acks.lock:
-        _Acks.acked.add(delivery_tag)
+    _Acks.acked.add(delivery_tag)
+
+
+def _forget(delivery_tag: str) -> tuple[Callable[[Any], None] | None, bool]:
+    task_id = _Acks.ids.pop(delivery_tag, None)
+    if task_id is not None and _Acks.tags.get(task_id) == delivery_tag:
+        del _Acks.tags[task_id]
+    acked = delivery_tag in _Acks.acked
+    _Acks.acked.discard(delivery_tag)
+    return _Acks.riders.pop(delivery_tag, None), acked
 
 
 class QoS(kombu_redis.QoS):
-    """kombu's acknowledgement, carrying what the task added to it (see ``ride_on_ack``)."""
+    """kombu's unacknowledged-message bookkeeping, carrying what a task added to its message's
+    acknowledgement (see ``ride_on_ack``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _Acks.pid = os.getpid()
         _Acks.keys = (self.unacked_key, self.unacked_index_key)
 
+    def append(self, message: Any, delivery_tag: str) -> None:
+        super().append(message, delivery_tag)
+        task_id = (message.headers or {}).get("id")
+        if task_id:
+            _Acks.thread = threading.get_ident()
+            _Acks.tags[task_id] = delivery_tag
+            _Acks.ids[delivery_tag] = task_id
+
     def ack(self, delivery_tag: str) -> None:
-        with _Acks.lock:
-            rider = _Acks.riders.pop(delivery_tag, None)
-            acked = delivery_tag in _Acks.acked
-            _Acks.acked.discard(delivery_tag)
-        if acked:
-            kombu_redis.virtual.QoS.ack(self, delivery_tag)
-            return
-        pipe = self._remove_from_indices(delivery_tag)
-        if rider is not None:
-            rider(pipe)
-        pipe.execute()
-        kombu_redis.virtual.QoS.ack(self, delivery_tag)
+        rider, acked = _forget(delivery_tag)
+        if not acked:
+            pipe = self._remove_from_indices(delivery_tag)
+            if rider is not None:
+                rider(pipe)
+            pipe.execute()
+        virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        with _Acks.lock:
-            rider = _Acks.riders.pop(delivery_tag, None)
-            _Acks.acked.discard(delivery_tag)
+        rider, _acked = _forget(delivery_tag)
         if rider is not None:  # what the task committed is remembered even when its message is rejected
             with self.pipe_or_acquire() as pipe:
                 rider(pipe)
                 pipe.execute()
         super().reject(delivery_tag, requeue=requeue)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        super().restore_unacked(client)
+        for tag in list(_Acks.ids):  # the connection is gone: so are its deliveries
+            _forget(tag)
 
 
 class HoldingChannel:

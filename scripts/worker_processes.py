@@ -18,11 +18,12 @@ This process only supervises, importing nothing but the standard library:
   finishes; a terminal's Ctrl-C also reaches the children directly, and a second SIGINT would be
   Celery's cold shutdown), SIGQUIT and SIGHUP as themselves; once the children have all exited,
   so does this, with the first non-zero status among them;
-- a child that dies while the others run (killed, out of memory) is started again, as a prefork
-  pool replaces a lost pool process. Its message goes back to the queue through the broker (the
-  visibility timeout) and the pending set's sweeper, as for any killed worker. A child that exits
-  on its own with an error within STARTUP_SECONDS of its first start (a configuration error...)
-  stops the whole line instead, with its status, so that the error is seen, not looped on;
+- a child killed by a signal while the others run (out of memory, a crash) is started again, as a
+  prefork pool replaces a lost pool process, after a pause that grows while it keeps dying. Its
+  message goes back to the queue through the broker (the visibility timeout) and the pending
+  set's sweeper, as for any killed worker. A child that exits on its own (a configuration error,
+  a shutdown command, a broker given up on) stops the whole line with its status, as one worker
+  would stop: an error is seen, not looped on;
 - the children die with this process (``PR_SET_PDEATHSIG``): a supervisor killed outright does
   not leave workers behind.
 """
@@ -38,7 +39,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
-STARTUP_SECONDS = 5.0
+QUICK_DEATH_SECONDS = 30.0  # killed again this soon after a restart: wait longer before the next
 RESTART_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)
 MAX_PROCESSES = 64
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
@@ -125,20 +126,23 @@ class Supervisor:
     def _exited(self, index: int, process: subprocess.Popen[bytes], started: float) -> None:
         code = process.returncode
         if self.stopping:
-            if code not in (0, None) and not self.status:
+            # A child stopped by the signal passed on (one still starting has no handler yet) stopped as asked.
+            if code not in (0, None) and -code not in FORWARDED and not self.status:
                 self.status = code if code > 0 else 128 - code
             return
         lived = time.monotonic() - started
         log("worker_process_exited", level="warning" if code else "info", index=index, pid=process.pid,
             status=code, lived_s=round(lived, 1))
-        if lived < STARTUP_SECONDS and code is not None and code > 0 and self.failures[index] == 0:
-            # Failed as it started: the same command would fail again. Stop the line, say why.
-            self.status = code if code > 0 else 128 - code
-            log("worker_processes_stopping", level="error", reason="a worker process failed as it started",
-                status=self.status)
+        if code is not None and code >= 0:
+            # It chose to exit (a configuration error, a shutdown command, the broker given up on):
+            # the line does what one worker would, and exits with its status, so that it is seen.
+            self.status = code
+            log("worker_processes_stopping", level="error" if code else "info",
+                reason="a worker process exited on its own", status=code)
             self.forward(signal.SIGTERM)
             return
-        self.failures[index] = self.failures[index] + 1 if lived < STARTUP_SECONDS * 6 else 1
+        # Killed by a signal (out of memory, a crash): replaced, backing off while it keeps dying.
+        self.failures[index] = self.failures[index] + 1 if lived < QUICK_DEATH_SECONDS else 1
         delay = RESTART_BACKOFF_SECONDS[min(self.failures[index], len(RESTART_BACKOFF_SECONDS)) - 1]
         restart_at = time.monotonic() + delay
         while not self.stopping and time.monotonic() < restart_at:

@@ -53,15 +53,24 @@ def test_flower_needs_basic_auth_and_sees_task_events(stack: Stack) -> None:
         assert fetch(base + "/api/workers", "ops:wrong")[0] == 401
         sent = []
 
-        def task_seen() -> bool:
-            # Flower's event consumer connects a moment after it answers: post until it sees one.
-            sent.append(f"flower_{port}_{len(sent)}")
-            assert stack.post_form({"sessionId": sent[-1], "status": "busy"})[0] == 200
+        def seen() -> list[str]:
             status, body = fetch(base + "/api/tasks?limit=1000", "ops:flower-test-password")
             tasks = json.loads(body).values() if status == 200 else []
-            return any(task.get("name") == "voice.apply_webhook_event" for task in tasks)
+            return [str(task.get("args")) for task in tasks if task.get("name") == "voice.apply_webhook_event"]
+
+        def task_seen() -> bool:
+            # Workers send no task events until Flower turns them on (it does as it starts, and
+            # every few seconds): post until it sees one.
+            sent.append(f"flower_{port}_{len(sent)}")
+            assert stack.post_form({"sessionId": sent[-1], "status": "busy"})[0] == 200
+            return bool(seen())
 
         wait_for(task_seen, timeout=30, interval=0.5)
+        # From then on Flower sees every task.
+        after = [f"flower_{port}_after_{n}" for n in range(5)]
+        for session in after:
+            assert stack.post_form({"sessionId": session, "status": "busy"})[0] == 200
+        wait_for(lambda: all(any(session in args for args in seen()) for session in after), timeout=30, interval=0.5)
     finally:
         stop_group(flower, timeout=10)  # SIGKILL if it does not stop in time
 
