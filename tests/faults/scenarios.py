@@ -587,7 +587,10 @@ def arrival_check(stack: Stack, distinct: list[dict[str, str]], bounds: Bounds) 
       unknown, so every order of such a cluster is tried; its created_at lies within the bounds
       of its first event.
     """
-    mistimed = [row["recording_id"] for row in stored_events(stack)
+    mistimed = [{"recording": row["recording_id"], "status": row["payload"].get("status"),
+                 "stored": row["received_at"].isoformat(),
+                 "first_copy": [bound.isoformat() for bound in bounds[ident(row["payload"])]]}
+                for row in stored_events(stack)
                 if ident(row["payload"]) in bounds
                 and not (bounds[ident(row["payload"])][0] - CLOCK_LEEWAY <= row["received_at"]
                          <= bounds[ident(row["payload"])][1] + CLOCK_LEEWAY)]
