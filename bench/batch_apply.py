@@ -3,7 +3,8 @@ transaction per event) against the same kind of events staged N at a time (``sta
 committed once, on a SQLite file and on PostgreSQL servers of the benchmark's own: one with
 fsync off (as bench/run.py starts it) and one with fsync and synchronous_commit on (a commit
 waits for its WAL flush, as in production). Modes are measured in alternating turns, each on
-fresh events; figures are medians of the turns, ratios are of medians from this run.
+fresh events, a chunk of 50 events at a time; figures are medians of the turns, ratios are of
+medians from this run.
 
     python -m bench.batch_apply                 # 15 turns of 300 events per mode and database
     python -m bench.batch_apply --turns 3 --events 400 --databases sqlite,pg-fsync
@@ -35,6 +36,7 @@ from tests.conftest import migrate
 from tests.support import PostgresServer, RedisServer, postgres_bin
 
 BATCH_SIZES = (1, 10, 50)
+CHUNK = max(BATCH_SIZES)  # events a mode applies before the next mode's turn
 
 
 class DurablePostgres(PostgresServer):
@@ -59,14 +61,16 @@ def plain_loop(session: Session, batch: list[Event]) -> None:
         apply_event(session, event, utcnow())
 
 
-def commit_share(session: Session, batch: list[Event]) -> float:
-    """The plain loop again (stage, then commit, one event at a time), timing the commits: the
-    share of the loop's time that its commits take, which bounds what fewer commits can save."""
+def timed_commits(session: Session, batch: list[Event]) -> tuple[float, float]:
+    """The plain loop again (stage and flush, then commit, one event at a time), timing the COMMITs:
+    their share of the loop's time bounds what fewer commits can save. Returns the seconds spent
+    committing and the seconds of the whole loop."""
     committing = 0.0
     started = time.perf_counter()
     for event in batch:
         try:
             _outcome, wrote = stage_event(session, event, utcnow())
+            session.flush()  # the statements are the event's work; the COMMIT alone is timed
             before = time.perf_counter()
             if wrote:
                 session.commit()
@@ -76,7 +80,7 @@ def commit_share(session: Session, batch: list[Event]) -> float:
         except BaseException:
             session.rollback()
             raise
-    return committing / (time.perf_counter() - started)
+    return committing, time.perf_counter() - started
 
 
 def in_batches(size: int, savepoints: bool = False) -> Callable[[Session, list[Event]], None]:
@@ -109,25 +113,35 @@ def modes() -> dict[str, Callable[[Session, list[Event]], None]]:
 
 
 def measure(url: str, redis_url: str, turns: int, count: int, interleave: bool, label: str) -> dict[str, list[float]]:
-    """Rates by mode (events/s, one a turn), and under ``commit share`` the commits' share of the
-    plain loop's time (one a turn)."""
+    """Rates by mode (events/s, one a turn), and under ``commit share`` the COMMITs' share of the
+    plain loop's time (one a turn). A turn goes through every mode CHUNK events at a time, in
+    rotation, so that a burst of load from elsewhere on the machine falls on every mode alike."""
     app = create_app(Settings(database_url=url, redis_url=redis_url, log_level="WARNING"))
     runs = modes()
     rates: dict[str, list[float]] = {name: [] for name in runs}
     shares: list[float] = []
+    chunks = max(1, count // CHUNK)
     with app.app_context():
         plain_loop(db.session, events(200, f"warm{time.time_ns()}"))  # connections, caches, statements
         for turn in range(turns):
-            names = list(runs)
-            names = names[turn % len(names):] + names[:turn % len(names)]  # no mode always first
-            for name in names:
-                made = events(count, f"{label}{turn}{name.replace(' ', '').replace('=', '')}_{time.time_ns()}")
-                batch = interleaved(made) if interleave else made
-                started = time.perf_counter()
-                runs[name](db.session, batch)
-                rates[name].append(count / (time.perf_counter() - started))
-            made = events(count, f"{label}{turn}share_{time.time_ns()}")
-            shares.append(commit_share(db.session, interleaved(made) if interleave else made))
+            spent = dict.fromkeys(runs, 0.0)
+            committing = looping = 0.0
+            for chunk in range(chunks):
+                names = [*runs, "commit share"]
+                shift = (turn * chunks + chunk) % len(names)
+                for name in names[shift:] + names[:shift]:  # no mode always first
+                    made = events(CHUNK, f"{label}_{turn}_{chunk}_{len(spent)}_{time.time_ns()}")
+                    batch = interleaved(made) if interleave else made
+                    if name == "commit share":
+                        commit_seconds, loop_seconds = timed_commits(db.session, batch)
+                        committing, looping = committing + commit_seconds, looping + loop_seconds
+                        continue
+                    started = time.perf_counter()
+                    runs[name](db.session, batch)
+                    spent[name] += time.perf_counter() - started
+            for name in runs:
+                rates[name].append(chunks * CHUNK / spent[name])
+            shares.append(committing / looping)
             step(f"{label} turn {turn + 1}/{turns}: "
                  + ", ".join(f"{name} {rates[name][-1]:.0f}/s" for name in runs)
                  + f"; commits take {shares[-1]:.0%} of the loop")
