@@ -1,8 +1,9 @@
 """What an event does to a recording.
 
 ``merge`` holds the rules and touches only objects in memory; ``apply_event`` runs it in one
-transaction under a row lock. Every rule compares order keys instead of trusting the order in
-which workers happen to apply events, so the result equals applying the events in arrival order.
+transaction under a row lock (``stage_event`` does the same work and leaves the transaction open).
+Every rule compares order keys instead of trusting the order in which workers happen to apply
+events, so the result equals applying the events in arrival order.
 """
 
 from __future__ import annotations
@@ -144,53 +145,71 @@ def apply_event(
     SQLite's single writer, and the event fingerprint is checked under that lock, so neither an
     update nor a duplicate slips through.
     """
-    fingerprint = event.fingerprint
-    key = order_key(received_at, fingerprint)
     try:
-        _ensure_recording(session, event.session_id, received_at, clock())
-        recording = session.execute(
-            select(VoiceRecording)
-            .where(VoiceRecording.id == event.session_id)
-            .options(selectinload(VoiceRecording.participants))
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        ).scalar_one()
-
-        url_before = recording.recording_url
-        stored = session.scalar(select(WebhookEvent).where(WebhookEvent.fingerprint == fingerprint))
-        if stored is not None:
-            if received_at < stored.received_at:
-                # The copy that arrived first was applied second: it is the event's arrival time.
-                stored.received_at = received_at
-                if _rebuild_from_events(session, recording, clock()):
-                    _announce(session, recording, url_before)
-                session.commit()
-            else:
-                session.rollback()
-            return DUPLICATE
-
-        changed = merge(recording, event, received_at, key, clock())
-        outcome = APPLIED if changed else NO_EFFECT
-        if changed:
-            _announce(session, recording, url_before)
-        session.add(
-            WebhookEvent(
-                recording_id=event.session_id,
-                fingerprint=fingerprint,
-                received_at=received_at,
-                phone_number=event.phone_number,
-                status=event.status,
-                duration=event.duration,
-                recording_url=event.recording_url,
-                outcome=outcome,
-                payload=event.payload,
-            )
-        )
-        session.commit()
+        outcome, wrote = stage_event(session, event, received_at, clock=clock)
+        if wrote:
+            session.commit()
+        else:
+            session.rollback()
         return outcome
     except BaseException:
         session.rollback()
         raise
+
+
+def stage_event(
+    session: Session,
+    event: Event,
+    received_at: datetime,
+    *,
+    clock: Callable[[], datetime] = utcnow,
+) -> tuple[str, bool]:
+    """Everything ``apply_event`` does but end the transaction: returns the outcome, and whether
+    anything was written (a duplicate that arrived no earlier than the stored copy writes nothing).
+
+    The caller commits or rolls back. Several events staged in one transaction keep their
+    recordings' row locks (PostgreSQL) until then, and a later event sees the earlier ones' rows.
+    """
+    fingerprint = event.fingerprint
+    key = order_key(received_at, fingerprint)
+    _ensure_recording(session, event.session_id, received_at, clock())
+    recording = session.execute(
+        select(VoiceRecording)
+        .where(VoiceRecording.id == event.session_id)
+        .options(selectinload(VoiceRecording.participants))
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one()
+
+    url_before = recording.recording_url
+    stored = session.scalar(select(WebhookEvent).where(WebhookEvent.fingerprint == fingerprint))
+    if stored is not None:
+        if received_at >= stored.received_at:
+            return DUPLICATE, False
+        # The copy that arrived first was applied second: it is the event's arrival time.
+        stored.received_at = received_at
+        if _rebuild_from_events(session, recording, clock()):
+            _announce(session, recording, url_before)
+        return DUPLICATE, True
+
+    changed = merge(recording, event, received_at, key, clock())
+    outcome = APPLIED if changed else NO_EFFECT
+    if changed:
+        _announce(session, recording, url_before)
+    session.add(
+        WebhookEvent(
+            recording_id=event.session_id,
+            fingerprint=fingerprint,
+            received_at=received_at,
+            phone_number=event.phone_number,
+            status=event.status,
+            duration=event.duration,
+            recording_url=event.recording_url,
+            outcome=outcome,
+            payload=event.payload,
+        )
+    )
+    return outcome, True
 
 
 def _rebuild_from_events(session: Session, recording: VoiceRecording, now: datetime) -> bool:
