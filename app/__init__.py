@@ -63,6 +63,14 @@ def engine_options(database_url: str) -> dict[str, Any]:
             "connect_timeout": 5,
             # A lock wait or a query longer than these is a transient failure the task retries.
             "options": "-c lock_timeout=5000 -c statement_timeout=10000",
+            # A server that stopped answering (its host cut off: no reset ever comes) fails the
+            # call after this long instead of hanging it for the kernel's retransmission limit
+            # (many minutes). The worker's solo processes have no task time limit to do it.
+            "tcp_user_timeout": 12000,
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
         },
     }
 

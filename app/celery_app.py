@@ -22,6 +22,9 @@ from config import Settings
 # A task runs in milliseconds; the limits only stop one stuck on a hung connection. They sit above
 # the database's own lock and statement timeouts (app.engine_options), which fail first as
 # transient errors, and below the dedup claim's TTL, so a live task never loses its claim.
+# Celery enforces them in prefork pools only: the Procfile's solo processes rely on the timeouts
+# of every call a task makes instead (PostgreSQL: statement, lock, connect and TCP user timeouts;
+# Redis: REDIS_SOCKET_TIMEOUT), which bound a stuck call the same way.
 TASK_SOFT_TIME_LIMIT = 12
 TASK_TIME_LIMIT = 15
 # Redis transport: a message taken but not acknowledged goes back to its queue after this long.

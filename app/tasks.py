@@ -66,7 +66,11 @@ def apply_webhook_event(self: Task, message: dict, received_at: str, request_id:
     except TRANSIENT_ERRORS as exc:
         attempts = self.request.retries + 1
         settings = current_app.extensions["settings"]
-        if self.request.retries >= settings.event_max_retries:
+        # Busy is not a failure of this event: the claim's holder applies it, or died (killed, or
+        # its host cut off) and its claim expires within dedup.CLAIM_TTL_SECONDS. Dead-lettering
+        # while the claim stands would leave the event unapplied (the dead letter drops it from the
+        # pending set), so a busy copy keeps waiting, CLAIM_BUSY_MAX_SECONDS apart at most.
+        if self.request.retries >= settings.event_max_retries and not isinstance(exc, ClaimBusy):
             deadletters.dead_letter(envelope, f"{type(exc).__name__}: {exc}", attempts)
             metrics.observe_event("dead_lettered")
             return "dead_lettered"
