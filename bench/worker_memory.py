@@ -12,6 +12,7 @@ and prints what each package's import added to the resident memory, and who impo
     python -m bench.worker_memory                 # 3000 events, prefork 1 and 2, solo, both databases
     python -m bench.worker_memory --events 500 --imports
     python -m bench.worker_memory --module        # the line with ``python -m worker`` instead
+    python -m bench.worker_memory --pinned-only   # without this venv's dev tools, as a production install
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GOAL_MB = 80.0
 POOLS = {"prefork-1": ["--pool=prefork", "--concurrency=1"], "prefork-2": ["--pool=prefork", "--concurrency=2"],
          "solo": ["--pool=solo"]}
+HOOKS = str(ROOT / "bench" / "import_hook")
 CELERY_COMMAND, MODULE_COMMAND = "celery -A worker worker", "python -m worker"
 _STARTED = time.monotonic()
 
@@ -121,11 +123,25 @@ def import_costs(workdir: Path, env: dict[str, str], settings: Settings, line: s
                  database: str) -> dict[str, Any]:
     """A solo worker under the import hook: what each package's import added to RSS."""
     report = workdir / f"imports-{database}.json"
-    hook_env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "bench" / "import_hook"), env.get("PYTHONPATH", "")]),
+    hook_env = {"PYTHONPATH": os.pathsep.join([HOOKS, env.get("PYTHONPATH", "")]),
                 "VOICE_IMPORT_MEMORY_REPORT": str(report)}
     drain(workdir, env, settings, line, "solo", n, hook_env, log_name=f"worker-imports-{database}.log")
     wait_for(report.exists, timeout=30)
     return json.loads(report.read_text())
+
+
+def unpinned_modules() -> list[str]:
+    """Top-level modules of installed packages that requirements.txt does not pin (dev and test tools
+    and what they pulled in): a production install, made from requirements.txt, has none of them."""
+    from importlib.metadata import packages_distributions
+
+    from packaging.utils import canonicalize_name
+
+    from tests.test_requirements import pinned
+
+    pins = set(pinned())
+    return sorted(top for top, dists in packages_distributions().items()
+                  if not {canonicalize_name(d) for d in dists} & pins and not top.startswith("_"))
 
 
 def print_imports(database: str, data: dict[str, Any], limit: float) -> None:
@@ -153,6 +169,8 @@ def main() -> int:
     parser.add_argument("--min-mb", type=float, default=0.3, help="import table: lump packages under this")
     parser.add_argument("--module", action="store_true", help="the Procfile's worker line with "
                         "``python -m worker`` in place of ``celery -A worker worker``")
+    parser.add_argument("--pinned-only", action="store_true", help="hide from the worker what requirements.txt "
+                        "does not pin (this venv's dev tools), as in a production install")
     parser.add_argument("--line", help="run this shell command instead of the Procfile's worker line "
                         "(the pool options are appended to it)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -160,6 +178,7 @@ def main() -> int:
     pools = [p for p in args.pools.split(",") if p]
     if not set(pools) <= set(POOLS):
         raise SystemExit(f"--pools takes {', '.join(POOLS)}")
+    hidden = unpinned_modules() if args.pinned_only else []
     workdir = Path(tempfile.mkdtemp(prefix="voice-worker-memory-"))
     step("starting redis-server and PostgreSQL")
     redis_server = RedisServer(workdir / "redis").start()
@@ -169,7 +188,7 @@ def main() -> int:
         if CELERY_COMMAND not in line:
             raise SystemExit(f"--module: the worker line does not run {CELERY_COMMAND!r}")
         line = line.replace(CELERY_COMMAND, MODULE_COMMAND)
-    results: dict[str, Any] = {"events": args.events, "worker_line": line, "runs": {}, "imports": {}}
+    results: dict[str, Any] = {"events": args.events, "worker_line": line, "hidden": hidden, "runs": {}, "imports": {}}
     try:
         databases = {"sqlite": f"sqlite:///{workdir / 'voice.db'}", "postgresql": postgres.url}
         databases = {name: url for name, url in databases.items() if name in args.databases.split(",")}
@@ -181,6 +200,9 @@ def main() -> int:
             env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                    "DATABASE_URL": url, "REDIS_URL": redis_server.url, "LOG_FORMAT": "json",
                    "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "WORKER_METRICS_PORT": str(free_port())}
+            if args.pinned_only:
+                env |= {"PYTHONPATH": os.pathsep.join([HOOKS, env.get("PYTHONPATH", "")]),
+                        "VOICE_HIDDEN_MODULES": ",".join(hidden)}
             env.pop("CELERY_BROKER_URL", None)
             env.pop("WORKER_CONCURRENCY", None)
             for pool in pools:
@@ -195,6 +217,8 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"# Worker peak RSS (VmHWM), {args.events} events drained per run, goal <= {GOAL_MB} MB per process\n")
     print(f"Worker command: `{results['worker_line']}` + the pool options\n")
+    if hidden:
+        print(f"Hidden from the worker (not pinned in requirements.txt): {', '.join(hidden)}\n")
     print("| database | pool | process | VmHWM MB | VmRSS at the end MB |")
     print("|---|---|---|---|---|")
     for database, runs in results["runs"].items():

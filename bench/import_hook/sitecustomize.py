@@ -1,4 +1,9 @@
-"""Import memory hook for ``bench/worker_memory.py --imports``: with this folder on PYTHONPATH and
+"""Import hooks for ``bench/worker_memory.py``.
+
+VOICE_HIDDEN_MODULES (comma-separated top-level names): those imports fail as if the package were
+not installed (``--pinned-only``: what requirements.txt does not pin, as in the run command's venv).
+
+Memory, for ``--imports``: with this folder on PYTHONPATH and
 VOICE_IMPORT_MEMORY_REPORT set, every module's load is timed in resident memory instead of
 seconds (like ``python -X importtime``), and at exit the process writes, per package, the RSS its
 modules added while they ran (their own imports of other packages excluded) and who imported it
@@ -15,6 +20,7 @@ import threading
 from typing import Any
 
 _REPORT = os.environ.get("VOICE_IMPORT_MEMORY_REPORT")
+_HIDDEN = frozenset(filter(None, os.environ.get("VOICE_HIDDEN_MODULES", "").split(",")))
 _PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
@@ -76,5 +82,18 @@ def _install(report: str) -> None:
     atexit.register(write)
 
 
+class _Hide:
+    """A finder that reports hidden packages as missing."""
+
+    @staticmethod
+    def find_spec(name: str, path: Any = None, target: Any = None) -> None:
+        if name.split(".", 1)[0] in _HIDDEN:
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden: not pinned in requirements.txt)", name=name)
+
+
+if _HIDDEN:
+    import sys
+
+    sys.meta_path.insert(0, _Hide())  # type: ignore[arg-type]
 if _REPORT:
     _install(_REPORT)
