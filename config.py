@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
-from xml.etree import ElementTree
 
 INSTANCE_DIR = Path(__file__).resolve().parent / "instance"
 DEFAULT_DATABASE_URL = f"sqlite:///{INSTANCE_DIR / 'voice.db'}"
@@ -133,6 +132,10 @@ def _standard_webhook_keys(secrets: tuple[str, ...]) -> tuple[bytes, ...]:
 
 def _check_call_xml(document: str) -> None:
     """The operator's own call-control XML must be well formed, with a <Response> root."""
+    if document == DEFAULT_ACTIVE_CALL_XML:
+        return  # valid (tests/test_config.py); no process loads the XML parser for it
+    from xml.etree import ElementTree
+
     try:
         root = ElementTree.fromstring(document)  # noqa: S314 - the operator's setting, not client input
     except ElementTree.ParseError as exc:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from flask import Flask, Response, g, request
@@ -20,12 +19,27 @@ from app.logs import configure_logging
 from app.redis_clients import redis_client
 from config import INSTANCE_DIR, ConfigError, Settings
 
+if TYPE_CHECKING:
+    import sqlite3
+
 MIGRATIONS_DIR = str(Path(__file__).resolve().parent.parent / "migrations")
 REQUEST_ID_HEADER = "X-Request-ID"
 
 
-def create_app(settings: Settings | None = None) -> Flask:
-    """Build the app from settings (read from the environment when none are given)."""
+WEB = "web"
+WORKER = "worker"
+
+
+def create_app(settings: Settings | None = None, role: str = WEB) -> Flask:
+    """Build the app from settings (read from the environment when none are given).
+
+    ``role="worker"`` builds what Celery's processes (worker, beat, Flower) use: the database,
+    Redis and Celery, without the blueprints, the OpenAPI document, the error handlers, the request
+    hooks and the ``flask`` commands, whose modules no task imports; every worker process would
+    hold them in memory for nothing (``bench/worker_memory.py`` measures it).
+    """
+    if role not in {WEB, WORKER}:
+        raise ValueError(f"role must be {WEB!r} or {WORKER!r}, got {role!r}")
     if settings is None:
         try:
             settings = Settings.from_env()
@@ -42,10 +56,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["settings"] = settings
     register_extensions(app, settings)
-    register_blueprints(app)
-    register_errorhandlers(app)
-    register_commands(app)
-    register_request_hooks(app, settings)
+    if role == WEB:
+        register_blueprints(app)
+        register_errorhandlers(app)
+        register_commands(app)
+        register_request_hooks(app, settings)
     return app
 
 

@@ -8,13 +8,12 @@ events, so the result equals applying the events in arrival order.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, selectinload
 
 from app.africastalking import IN_PROGRESS
@@ -239,9 +238,17 @@ def _ensure_recording(session: Session, session_id: str, received_at: datetime, 
         "processed_at": now,
     }
     dialect = session.connection().dialect.name  # the transaction's own connection: no bind lookup
-    statement = _INSERTS[dialect](VoiceRecording).values(values).on_conflict_do_nothing(index_elements=["id"])
+    statement = _insert(dialect)(VoiceRecording).values(values).on_conflict_do_nothing(index_elements=["id"])
     session.execute(statement)
 
 
 # The supported databases; both have INSERT ... ON CONFLICT DO NOTHING.
-_INSERTS = {"postgresql": pg_insert, "sqlite": sqlite_insert}
+_DIALECTS = ("postgresql", "sqlite")
+
+
+def _insert(dialect: str) -> Any:
+    """The dialect's own INSERT. Its module came with the engine, so a worker on SQLite does not
+    load PostgreSQL's dialect (about 2.5 MB) and one on PostgreSQL does not load SQLite's."""
+    if dialect not in _DIALECTS:
+        raise KeyError(dialect)
+    return importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+from xml.etree import ElementTree
 
 import pytest
 
-from config import DEFAULT_DATABASE_URL, ConfigError, Settings, key_digest
+from config import DEFAULT_ACTIVE_CALL_XML, DEFAULT_DATABASE_URL, ConfigError, Settings, key_digest
 
 
 def test_defaults() -> None:
@@ -91,3 +92,19 @@ def test_production_starts_with_auth_or_an_explicit_none(env: dict, expected: di
     settings = Settings.from_env(env)
     assert settings.app_env == "production"
     assert {name: getattr(settings, name) for name in expected} == expected
+
+
+def test_default_call_xml_is_well_formed_with_a_response_root() -> None:
+    """The settings check skips parsing the default, so this is where it is checked."""
+    assert ElementTree.fromstring(DEFAULT_ACTIVE_CALL_XML).tag == "Response"  # noqa: S314 - our constant
+
+
+@pytest.mark.parametrize(("document", "message"), [
+    ("<Response><Say>hi</Response>", "not well-formed"),
+    ('<?xml version="1.0"?><Say>hi</Say>', "<Response> root"),
+])
+def test_call_xml_of_the_operator_is_checked(document: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env({"VOICE_ACTIVE_CALL_XML": document})
+    custom = '<?xml version="1.0"?><Response><Say>Please hold</Say></Response>'
+    assert Settings.from_env({"VOICE_ACTIVE_CALL_XML": custom}).voice_active_call_xml == custom

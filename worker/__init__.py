@@ -1,6 +1,9 @@
-"""Celery entry point: ``celery -A worker worker``."""
+"""Celery entry point: ``celery -A worker worker`` (and beat, Flower), or ``python -m worker``.
 
-from app import create_app
+The app is built for the worker role: no blueprints, OpenAPI document or ``flask`` commands.
+"""
 
-flask_app = create_app()
+from app import WORKER, create_app
+
+flask_app = create_app(role=WORKER)
 celery_app = flask_app.extensions["celery"]
