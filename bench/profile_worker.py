@@ -102,7 +102,7 @@ def main() -> int:
     env = {**os.environ, "REDIS_URL": redis_server.url, "DATABASE_URL": url, "LOG_FORMAT": "json",
            "LOG_LEVEL": "WARNING", "PROMETHEUS_MULTIPROC_DIR": str(workdir), "API_KEYS": "bench"}
     procs = Processes(workdir, env)
-    argv = [str(BIN / "celery"), "-A", "worker", "worker", "--loglevel=WARNING", "--queues=voice-webhooks",
+    argv = [sys.executable, "-m", "worker", "--loglevel=WARNING", "--queues=voice-webhooks",
             "--without-gossip", "--without-mingle", f"--pool={args.pool}", "--concurrency=1"]
     try:
         migrate(url, redis_server.url)

@@ -32,7 +32,7 @@ from app.extensions import db
 from app.pending import PENDING_DUE
 from app.publish import enqueue
 from app.timeutil import utcnow
-from bench.run import BIN, Processes, children, events, peak_rss_mb, plain_loop_rate, step
+from bench.run import Processes, children, events, peak_rss_mb, plain_loop_rate, step
 from config import Settings
 from tests.conftest import migrate
 from tests.support import PostgresServer, RedisServer, wait_for
@@ -60,7 +60,7 @@ class Config:
 
     def commands(self, tag: str) -> list[list[str]]:
         """One worker command per process for solo; one for prefork and threads."""
-        base = [str(BIN / "celery"), "-A", "worker", "worker", "--loglevel=WARNING", QUEUES, "--without-gossip",
+        base = [sys.executable, "-m", "worker", "--loglevel=WARNING", QUEUES, "--without-gossip",
                 "--without-mingle", f"--prefetch-multiplier={self.prefetch}", *(["-E"] if self.task_events else [])]
         if self.pool == "solo":
             return [[*base, "--pool=solo", f"--hostname=bench-{tag}-{i}@%h"] for i in range(self.processes)]

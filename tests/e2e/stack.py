@@ -124,7 +124,7 @@ class Stack:
         scripts/worker_processes.py, one process group."""
         self._spawn(name, [
             sys.executable, str(ROOT / "scripts" / "worker_processes.py"), str(self.worker_concurrency),
-            str(BIN / "celery"), "-A", "worker", "worker", "--pool=solo", "--loglevel=INFO",
+            sys.executable, "-m", "worker", "--pool=solo", "--loglevel=INFO",
             "--queues=voice-webhooks,voice-replays,voice-maintenance", "--without-gossip", "--without-mingle",
             f"--hostname={name}-{self.port}@%h",
         ], wait, PROMETHEUS_MULTIPROC_DIR=self.role_metrics_dir("worker"))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import redis
 
-from tests.e2e.stack import BIN, Stack
+from tests.e2e.stack import Stack
 from tests.faults.scenarios import Tally, make_events, post_like_at, tally, wait_until_applied
 from tests.faults.sentinel import SteadyStream
 from tests.netns import Host, Hosts
@@ -64,7 +64,7 @@ def start_worker_on(stack: Stack, host: Host, name: str, redis_port: int, pg_por
            "DATABASE_URL": f"postgresql+psycopg://postgres@{host.server_address}:{pg_port}/postgres"}
     argv = host.command([
         sys.executable, str(ROOT / "scripts" / "worker_processes.py"), "2",
-        str(BIN / "celery"), "-A", "worker", "worker", "--pool=solo", "--loglevel=INFO",
+        sys.executable, "-m", "worker", "--pool=solo", "--loglevel=INFO",
         "--queues=voice-webhooks,voice-replays,voice-maintenance",
         "--without-gossip", "--without-mingle", f"--hostname={name}-{stack.port}@%h",
     ])
