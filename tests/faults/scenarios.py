@@ -332,6 +332,7 @@ def wait_until_applied(stack: Stack, events: list[dict[str, str]], timeout: floa
             "queued": client.llen("voice-webhooks"),
             "unacked": client.hlen("unacked"),
             "pending": client.zcard("voice:pending:due"),
+            "dead_lettered": len(worker_lines(stack, "event_dead_lettered")),  # gave up: kept, not applied
             "examples": [dict(zip(FIELDS, missed, strict=True)) for missed in list(missing)[:3]],
         }
         why = stopped.args[0] if stopped.args else f"not in {timeout}s"
