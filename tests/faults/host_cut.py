@@ -26,13 +26,37 @@ from pathlib import Path
 import redis
 
 from tests.e2e.stack import Stack
-from tests.faults.scenarios import Tally, make_events, post_like_at, tally, wait_until_applied
+from tests.faults.scenarios import (
+    BACKLOG_SECONDS,
+    STALE_CLAIM_RETURNS_WITHIN,
+    SWEEPER_RESENDS_WITHIN,
+    UNACKED_RETURNS_WITHIN,
+    Tally,
+    budget,
+    make_events,
+    post_like_at,
+    tally,
+    wait_until_applied,
+)
 from tests.faults.sentinel import SteadyStream
 from tests.netns import Host, Hosts
 from tests.redis_ha import Node
 from tests.support import ROOT, PostgresServer, postgres_bin, wait_for
 
 CUT_SECONDS = 20.0
+# Both hosts applying before the cut; the stream going on after it until the web has taken this
+# many more events (it never lost Redis).
+WARM_UP_SECONDS = 90
+ACCEPTED_AFTER_CUT = 40
+STREAM_AFTER_CUT_SECONDS = 60
+# What the cut-off host held comes back, counted from the moment of the cut: a message it had
+# taken and not acknowledged once its visibility timeout has passed; an event it had claimed,
+# when its task was killed holding the claim (its time limits fire late, once the link is back),
+# once that claim expires (it was taken before the cut); an event the broker no longer holds
+# (a retry that could not be sent), from the pending set. Then the backlog.
+RECOVERY_SECONDS = max(UNACKED_RETURNS_WITHIN, STALE_CLAIM_RETURNS_WITHIN,
+                       CUT_SECONDS + SWEEPER_RESENDS_WITHIN) + BACKLOG_SECONDS
+TIME_LIMIT = budget(WARM_UP_SECONDS, CUT_SECONDS, STREAM_AFTER_CUT_SECONDS, RECOVERY_SECONDS, BACKLOG_SECONDS)
 
 
 class ReachablePostgres(PostgresServer):
@@ -114,7 +138,7 @@ def host_cut_off(workdir: Path, seed: int = 12, cut_seconds: float = CUT_SECONDS
 def _run(stack: Stack, hosts: Hosts, cut_host: Host, workers: dict[str, subprocess.Popen[bytes]], node: Node,
          cut_seconds: float, events: list[dict[str, str]]) -> Tally:
     with SteadyStream(stack, events, pause=0.05) as stream:
-        wait_for(lambda: applied_by(stack, "a") >= 20 and applied_by(stack, "b") >= 20, timeout=90)
+        wait_for(lambda: applied_by(stack, "a") >= 20 and applied_by(stack, "b") >= 20, timeout=WARM_UP_SECONDS)
         before = {name: applied_by(stack, name) for name in workers}
         cut_at = time.monotonic()
         hosts.cut(cut_host)
@@ -122,16 +146,17 @@ def _run(stack: Stack, hosts: Hosts, cut_host: Host, workers: dict[str, subproce
         during = {name: applied_by(stack, name) - before[name] for name in workers}
         hosts.restore(cut_host)
         restored_at = time.monotonic()
-        wait_for(lambda: stream.accepted_since(restored_at) >= 40, timeout=60)
+        wait_for(lambda: stream.accepted_since(restored_at) >= ACCEPTED_AFTER_CUT, timeout=STREAM_AFTER_CUT_SECONDS)
     posted = stream.posted
     refused = [p.fields for p in posted if p.attempt.status != 200]
     for fields in refused:  # none expected (the web and Redis never lost each other); AT would retry
         post_like_at(stack, fields, time.monotonic() + 30)
     sent = [p.fields for p in posted]
-    wait_until_applied(stack, sent, timeout=150)
+    wait_until_applied(stack, sent, timeout=max(0.0, cut_at + RECOVERY_SECONDS - time.monotonic()))
     applied_at = time.monotonic()
     client = redis.Redis(port=node.port)
-    wait_for(lambda: client.llen("voice-webhooks") == 0 and client.zcard("voice:pending:due") == 0, timeout=60)
+    wait_for(lambda: client.llen("voice-webhooks") == 0 and client.zcard("voice:pending:due") == 0,
+             timeout=BACKLOG_SECONDS)
     client.close()
     alive = {name: process.poll() is None for name, process in workers.items()}
     return tally(

@@ -30,8 +30,10 @@ import redis
 from sqlalchemy import create_engine, text
 
 from app.celery_app import UNACKED_RESTORE_INTERVAL, VISIBILITY_TIMEOUT, celery_config
+from app.dedup import CLAIM_TTL_SECONDS, DEDUP_PREFIX
 from app.events import FORM, Event
-from app.tasks import BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS
+from app.pending import PENDING_DATA
+from app.tasks import BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS, CLAIM_BUSY_MAX_SECONDS
 from config import Settings
 from tests.e2e.stack import Stack
 from tests.oracle import arrival_order_state
@@ -56,6 +58,10 @@ SWEEPER_RESENDS_WITHIN = REDELIVERY_SECONDS + SWEEP_INTERVAL
 UNACKED_RETURNS_WITHIN = VISIBILITY_TIMEOUT + UNACKED_RESTORE_INTERVAL
 # A task waiting out a transient failure tries again at most this long after the failure ended.
 RETRY_RETURNS_WITHIN = BACKOFF_MAX_SECONDS
+# An event whose claim a dead task left behind (killed at its hard time limit, or its host cut
+# off: nothing released the claim) is applied once the claim has expired and a copy's next busy
+# retry comes round.
+STALE_CLAIM_RETURNS_WITHIN = CLAIM_TTL_SECONDS + CLAIM_BUSY_MAX_SECONDS
 # Applying a backlog of a few hundred events on a machine whose cores other work keeps busy.
 BACKLOG_SECONDS = 60
 # Missing events with nothing queued, unacknowledged or pending for this long: none will come.
@@ -332,6 +338,7 @@ def wait_until_applied(stack: Stack, events: list[dict[str, str]], timeout: floa
             "queued": client.llen("voice-webhooks"),
             "unacked": client.hlen("unacked"),
             "pending": client.zcard("voice:pending:due"),
+            "dead_lettered": len(worker_lines(stack, "event_dead_lettered")),  # gave up: kept, not applied
             "examples": [dict(zip(FIELDS, missed, strict=True)) for missed in list(missing)[:3]],
         }
         why = stopped.args[0] if stopped.args else f"not in {timeout}s"
@@ -707,6 +714,41 @@ def rolling_restart(workdir: Path, seed: int = 8) -> Tally:
                      answered_5xx=sum(1 for tries in attempts for a in tries if a.status >= 500))
 
 
+STALE_CLAIM_RECOVERY = STALE_CLAIM_RETURNS_WITHIN + BACKLOG_SECONDS
+STALE_CLAIMS = 3
+
+
+def claim_left_by_a_dead_task(workdir: Path, seed: int = 10) -> Tally:
+    """Tasks that died holding their events' claims, as a task killed at its hard time limit leaves
+    things: its message acknowledged (gone from the broker), its claim standing until it expires,
+    nothing else but the pending entry. The copies the sweeper sends find those events busy for
+    as long as the claims last, and must wait for them rather than give up: each event is applied
+    once, none dead-lettered."""
+    events = make_events(sessions=4, participants=2, per_session=2, seed=seed, prefix="stale")
+    with fault_stack(workdir, **SWEEPER) as (stack, _pg):
+        stack.stop_process("worker")
+        answers = post_all(stack, events)
+        client = stack.redis_client()
+        keys = sorted(k.decode() for k in client.hkeys(PENDING_DATA))
+        assert len(keys) == len(events), keys
+        stale = keys[:STALE_CLAIMS]
+        pipe = client.pipeline(transaction=True)
+        pipe.delete("voice-webhooks")  # every message acknowledged: only the pending set holds the events
+        for key in stale:  # the claims the dead tasks took, with all of their time to run
+            pipe.set(DEDUP_PREFIX + key, "claim:a-task-that-died", ex=CLAIM_TTL_SECONDS)
+        pipe.execute()
+        started = time.monotonic()
+        stack.start_worker()
+        wait_until_applied(stack, events, timeout=STALE_CLAIM_RECOVERY)
+        took = time.monotonic() - started
+        stack.wait_until_idle(timeout=BACKLOG_SECONDS)
+        busy = [entry for entry in worker_lines(stack, "event_retry") if entry.get("error_type") == "ClaimBusy"]
+        return tally(stack, "claims left behind by tasks that died", events, answers=status_counts(answers),
+                     stale_claims=len(stale), events_met_busy=len({entry["event_key"] for entry in busy}),
+                     busy_retries=len(busy), dead_lettered=len(worker_lines(stack, "event_dead_lettered")),
+                     all_applied_after_s=round(took, 1))
+
+
 SCENARIOS: dict[str, Callable[..., Tally]] = {
     "kill": worker_killed,
     "gap": taken_but_never_recorded,
@@ -717,6 +759,7 @@ SCENARIOS: dict[str, Callable[..., Tally]] = {
     "storm": storm,
     "rolling-restart": rolling_restart,
     "out-of-order": copies_out_of_order,
+    "stale-claim": claim_left_by_a_dead_task,
 }
 
 # Each scenario's time limit, from its waits (test_faults gives pytest these).
@@ -730,4 +773,5 @@ TIME_LIMITS: dict[str, float] = {
     "storm": budget(STORM_POST_SECONDS, STORM_APPLY_SECONDS, BACKLOG_SECONDS),
     "rolling-restart": budget(3 * BACKLOG_SECONDS),
     "out-of-order": budget(4 * BACKLOG_SECONDS),
+    "stale-claim": budget(BACKLOG_SECONDS, STALE_CLAIM_RECOVERY, BACKLOG_SECONDS),
 }

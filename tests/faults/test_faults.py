@@ -107,6 +107,16 @@ def test_a_later_copy_applied_first_keeps_the_first_arrival(tmp_path: Path) -> N
     assert notes["recordings_order_unsure"] == 0  # posted one at a time: every order is known
 
 
+@pytest.mark.timeout(TIME_LIMITS["stale-claim"])
+def test_claims_left_by_dead_tasks_are_waited_for(tmp_path: Path) -> None:
+    tally = scenarios.claim_left_by_a_dead_task(tmp_path)
+    check(tally)
+    notes = tally.notes
+    assert notes["events_met_busy"] == notes["stale_claims"], tally  # the copies found the claims standing
+    assert notes["dead_lettered"] == 0, tally  # waited for the claims instead of giving up
+    assert notes["sweeper_resent"] >= notes["stale_claims"], tally  # only the pending set held them
+
+
 def test_redis_down_with_rabbitmq_as_the_broker(tmp_path: Path) -> None:
     tally = rabbitmq.redis_down_on_rabbitmq(tmp_path)
     check(tally)

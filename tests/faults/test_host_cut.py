@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from tests import netns
-from tests.faults.host_cut import host_cut_off
+from tests.faults.host_cut import TIME_LIMIT, host_cut_off
 
 pytestmark = [pytest.mark.faults,
               pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))]
 
 
+@pytest.mark.timeout(TIME_LIMIT)
 def test_a_worker_host_cut_off_for_twenty_seconds(tmp_path: Path) -> None:
     tally = host_cut_off(tmp_path)
     print(tally)
