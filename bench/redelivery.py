@@ -346,7 +346,8 @@ def main() -> int:
             postgres.remove()
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"visibility timeout {VISIBILITY_TIMEOUT} s, unacked restore every {UNACKED_RESTORE_INTERVAL} s, "
-          f"PENDING_REDELIVERY_SECONDS={redelivery_seconds}")
+          f"PENDING_REDELIVERY_SECONDS={redelivery_seconds}; kill runs: {args.kill_events} events, worker A "
+          f"started {args.queue_age:g} s after they were queued and killed once {args.kill_after} were stored")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
