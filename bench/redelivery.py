@@ -209,6 +209,7 @@ def kill_run(bench: Bench, prefetch: int, pool: str, with_beat: bool, n: int, ki
     with contextlib.suppress(TimeoutError):  # let redundant copies (restored or re-sent) run too
         wait_for(bench.settled, timeout=max(5.0, deadline - time.time()), interval=0.2)
     bench.stop(worker_b)
+    stored = bench.stored(prefix)  # what the last copies stored after the polling stopped counts too
     if beat is not None:
         bench.stop(beat)
     applied, duplicates = applications([bench.workdir / f"a-{tag}.log", bench.workdir / f"b-{tag}.log"], prefix)
@@ -228,6 +229,9 @@ def kill_run(bench: Bench, prefetch: int, pool: str, with_beat: bool, n: int, ki
         "never_stored_held": len(waiting),
         "all_stored_after_s": round(all_stored_after, 1),
         "lost": len(fingerprints - stored),
+        # A lost event still in the pending set is one the sweeper (beat) would send again.
+        "lost_still_pending": sum(1 for event in batch if event.fingerprint not in stored
+                                  and bench.client.zscore(PENDING_DUE, event.key) is not None),
         "applied_twice": sum(1 for key in keys if applied[key] > 1),
         "logged_applications": sum(applied[key] for key in keys),
         "duplicate_deliveries": sum(duplicates[key] for key in keys),
