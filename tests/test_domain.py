@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from flask import Flask
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy import event as sa_event
+from sqlalchemy.orm import Session
 
-from app.domain import APPLIED, DUPLICATE, NO_EFFECT, apply_event
+from app.domain import APPLIED, DUPLICATE, NO_EFFECT, apply_event, stage_event
 from app.events import Event
 from app.extensions import db
 from app.models import Participant, VoiceRecording, WebhookEvent
+from tests.support import wait_for
 
 T0 = datetime(2026, 3, 6, 14, 0, tzinfo=UTC)
 P1, P2 = "+254712345678", "+254787654321"
@@ -164,3 +168,82 @@ def test_concurrent_participants_on_one_session_lose_no_update(app: Flask) -> No
         assert recording.created_at == at(0)
         assert sorted(p.phone_number for p in recording.participants) == phones
         assert counts() == (1, len(phones), len(phones))
+
+
+def test_earlier_copies_waiting_on_the_recording_lock_still_re_time_their_events(app: Flask) -> None:
+    """Three events of one participant, each applied first from its later copy; then the earlier
+    copies come at once: one holds the recording's lock (PostgreSQL row lock, SQLite's writer lock)
+    while the other two wait for it. Each one that waited must still re-time its own event, and
+    the recording must end as applying the events in arrival order gives, which only holds when
+    each rebuild saw every re-timing committed before it (the held one moves its event from the
+    latest to the first)."""
+    long_call = ev("S", "failed", P1, 1529)
+    short_call = ev("S", "failed", P1, 1094)
+    unanswered = ev("S", "no-answer", P1, 567)
+    first = {unanswered.fingerprint: at(9), long_call.fingerprint: at(10), short_call.fingerprint: at(11)}
+    with app.app_context():
+        for event, received_at in ((unanswered, at(42)), (short_call, at(41)), (long_call, at(40))):
+            apply_event(db.session, event, received_at)
+        db.session.remove()
+        engine = db.engine
+    postgresql = engine.dialect.name == "postgresql"
+
+    outcomes: list[str] = []
+    errors: list[BaseException] = []
+    beginning = threading.Semaphore(0)
+
+    def about_to_begin(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement == "BEGIN IMMEDIATE":
+            beginning.release()
+
+    def apply_earlier(event: Event) -> None:
+        with app.app_context():
+            try:
+                outcomes.append(apply_event(db.session, event, first[event.fingerprint]))
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                db.session.remove()
+
+    holder = Session(engine)
+    try:
+        assert stage_event(holder, unanswered, at(9)) == (DUPLICATE, True)  # re-timed, lock kept
+        if not postgresql:  # SQLite: the waiters block at BEGIN IMMEDIATE, which comes right after this
+            sa_event.listen(engine, "before_cursor_execute", about_to_begin)
+        waiters = [threading.Thread(target=apply_earlier, args=(e,)) for e in (short_call, long_call)]
+        try:
+            for waiter in waiters:
+                waiter.start()
+            if postgresql:
+                wait_for(lambda: _lock_waiters(engine) == len(waiters), timeout=10)
+            else:
+                for _ in waiters:
+                    assert beginning.acquire(timeout=10)
+                time.sleep(0.2)  # let both reach the busy wait of BEGIN IMMEDIATE
+            assert all(waiter.is_alive() for waiter in waiters)  # neither could go on past the lock
+            holder.commit()
+        finally:
+            if not postgresql:
+                sa_event.remove(engine, "before_cursor_execute", about_to_begin)
+            for waiter in waiters:
+                waiter.join(timeout=30)
+    finally:
+        holder.close()
+
+    assert errors == []
+    assert outcomes == [DUPLICATE, DUPLICATE]
+    with app.app_context():
+        stored = {row.fingerprint: row.received_at for row in db.session.scalars(select(WebhookEvent))}
+        assert stored == first
+        recording = db.session.get(VoiceRecording, "S")
+        assert (recording.status, recording.duration, recording.created_at) == ("failed", 1529, at(9))
+        assert [(p.phone_number, p.status, p.duration) for p in recording.participants] == [(P1, "failed", 1094)]
+        assert counts() == (1, 1, 3)
+
+
+def _lock_waiters(engine: Engine) -> int:
+    """Sessions of this database waiting for a lock right now (PostgreSQL)."""
+    with engine.connect() as connection:
+        return connection.scalar(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ))

@@ -101,6 +101,7 @@ def test_a_later_copy_applied_first_keeps_the_first_arrival(tmp_path: Path) -> N
     notes = tally.notes
     assert notes["answers"] == {"200": 2 * tally.sent}
     assert notes["messages_reversed"] == 2 * tally.sent  # every copy was waiting, in reverse order
+    assert notes["copies_finished"] == 2 * tally.sent  # checked once every copy's task had ended
     assert notes["events_not_at_first_arrival"] == 0, notes["mistimed_examples"]
     assert notes["recordings_not_in_arrival_state"] == 0, notes["mismatched_examples"]
     assert notes["recordings_checked"] == notes["recordings"]
