@@ -14,10 +14,11 @@ This process only supervises, importing nothing but the standard library:
   else ``worker``), and only the first serves the worker's metrics port (every child writes to the
   same multiprocess folder, so one endpoint serves them all); the others get
   ``WORKER_METRICS_PORT=0``;
-- SIGTERM and SIGINT go on to every child as SIGTERM (Celery's warm shutdown: the task running
-  finishes; a terminal's Ctrl-C also reaches the children directly, and a second SIGINT would be
-  Celery's cold shutdown), SIGQUIT and SIGHUP as themselves; once the children have all exited,
-  so does this, with the first non-zero status among them;
+- SIGTERM, SIGINT and SIGHUP go on to every child as SIGTERM (Celery's warm shutdown: the task
+  running finishes; a terminal's Ctrl-C also reaches the children directly, and a second SIGINT
+  would be Celery's cold shutdown; Celery's own SIGHUP re-executes the worker, which a process
+  started with ``python -m`` cannot do reliably), SIGQUIT as itself (cold shutdown); once the
+  children have all exited, so does this, with the first non-zero status among them;
 - a child killed by a signal while the others run (out of memory, a crash) is started again, as a
   prefork pool replaces a lost pool process, after a pause that grows while it keeps dying. Its
   message goes back to the queue through the broker (the visibility timeout) and the pending
@@ -100,7 +101,7 @@ class Supervisor:
 
     def forward(self, signum: int, _frame: object = None) -> None:
         self.stopping = True
-        sent = signal.SIGTERM if signum == signal.SIGINT else signum
+        sent = signal.SIGQUIT if signum == signal.SIGQUIT else signal.SIGTERM
         for process, _started in self.children.values():
             if process.poll() is None:
                 process.send_signal(sent)
