@@ -183,6 +183,7 @@ def celery_init_app(app: Flask) -> Celery:
         metrics.forget_process(pid or os.getpid())
 
     celery_app = Celery(app.name, task_cls=FlaskTask)
+    celery_app.flask_app = app  # type: ignore[attr-defined]  # for code that runs outside a task (app.fastpath)
     celery_app.config_from_object(app.config["CELERY"])
     celery_app.set_default()
     app.extensions["celery"] = celery_app

@@ -102,6 +102,8 @@ def test_each_event_costs_its_round_trips_and_no_task_events(service: dict[str, 
     assert all(client.get(f"voice:dedup:{e.key}").startswith(b"done:") for e in events)
     outcomes = [line for line in (tmp_path / "worker.log").read_text().splitlines() if '"event_applied"' in line]
     assert sum('"outcome": "duplicate"' in line for line in outcomes) == EVENTS
+    # ...each turned away as its message arrived, without a task request (app.fastpath).
+    assert sum('"turned_away": "on arrival"' in line for line in outcomes) == EVENTS
 
 
 def supervisor(env: dict[str, str], log: Path, count: int) -> subprocess.Popen[bytes]:
