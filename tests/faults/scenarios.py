@@ -401,10 +401,14 @@ def worker_killed(workdir: Path, seed: int = 1) -> Tally:
     with fault_stack(workdir, **SWEEPER) as (stack, _pg):
         client = stack.redis_client()
         with in_background(lambda: post_all(stack, events, threads=4, pace=0.01)) as load:
-            wait_for(lambda: len(applications(stack)) >= 40, timeout=BACKLOG_SECONDS)  # the worker is busy
-            held = client.hlen("unacked") + client.llen("voice-webhooks")  # taken or waiting for a worker
+            # The worker is busy and holds a message right now (it keeps up with the stream, so
+            # the queue itself is often empty).
+            wait_for(lambda: len(applications(stack)) >= 40 and client.hlen("unacked") > 0,
+                     timeout=BACKLOG_SECONDS, interval=0.005)
             stack.kill("worker")
             killed_at = time.monotonic()
+            # What the dead worker took and never acknowledged, or what waits for a worker.
+            held = client.hlen("unacked") + client.llen("voice-webhooks")
             stack.start_worker()
         wait_until_applied(stack, events, timeout=KILL_RECOVERY)
         recovered = round(time.monotonic() - killed_at, 1)
