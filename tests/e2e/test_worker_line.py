@@ -18,6 +18,7 @@ from app.events import Event
 from app.extensions import db
 from app.pending import PENDING_DUE
 from app.publish import enqueue
+from app.queues import APPLY_EVENT_TASK
 from app.timeutil import utcnow
 from config import Settings
 from tests.conftest import migrate
@@ -156,3 +157,24 @@ def test_the_line_refuses_a_bad_concurrency_and_stops_on_a_child_failing_at_star
     assert done.returncode != 0, done.stderr[-2000:]  # no restart loop: the configuration error is seen
     assert "DEDUP_TTL_SECONDS" in done.stderr
     assert time.monotonic() - started < 50
+
+
+def test_a_message_of_an_unexpected_shape_does_not_stop_the_worker(service: dict[str, str], tmp_path: Path) -> None:
+    """The strategy's duplicate check reads the message before Celery does: whatever it finds there,
+    it leaves the message to Celery's own path, and the worker goes on."""
+    app = create_app(Settings(redis_url=service["REDIS_URL"], database_url=service["DATABASE_URL"]))
+    celery = app.extensions["celery"]
+    for args in (["not a message", "not a time"], [{"session_id": 5}, "2026-01-01T00:00:00Z"], []):
+        celery.send_task(APPLY_EVENT_TASK, args=args, queue="voice-webhooks")
+    queue(service, [Event("after_odd", "busy", "+254700000001", None, None, {})])
+    log = tmp_path / "line.log"
+    line = supervisor(service, log, 1)
+    try:
+        client = redis.Redis.from_url(service["REDIS_URL"])
+        wait_for(lambda: client.zcard(PENDING_DUE) == 0 and client.llen("voice-webhooks") == 0, timeout=60,
+                 interval=0.1)
+        assert line.poll() is None
+        assert '"worker_process_exited"' not in log.read_text()
+        assert '"session_id": "after_odd"' in log.read_text()  # the valid event after them was applied
+    finally:
+        stop_group(line)
