@@ -1,19 +1,30 @@
 """Dead letters: events that gave up after their last retry, kept, listed and replayed.
 
-They go to the database, or to a Redis list while the database is down; the sweeper files the
-Redis-held ones once the database is back.
+Where a dead letter is kept:
+- in the database, whenever it can take it;
+- on the Redis broker, while the database cannot, in the broker's own Redis (a list), as durably
+  as Redis keeps the messages themselves; the sweeper files them once the database is back;
+- on RabbitMQ never in Redis (only a cache there): while the database cannot take it, the task
+  keeps the message itself in RabbitMQ (``NotKept``: the task retries it later).
+
+Each dead letter carries a key (the task id of the message that gave up), unique in the table:
+filing one twice (two drainers at once, a drainer that died between filing and removing it from
+the list, a message delivered again after its dead letter was filed) keeps it once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
+import redis
 import structlog
 from flask import current_app
 from sqlalchemy import func, select
 
 from app import pending
+from app.domain import dialect_insert
 from app.envelope import Envelope
 from app.events import Event
 from app.extensions import db
@@ -26,49 +37,76 @@ log = structlog.get_logger(__name__)
 DEAD_LETTER_LIST = "voice:dead-letters"
 
 
+class NotKept(Exception):
+    """No store could take the dead letter now: the task must keep its message in the broker."""
+
+
 def _redis() -> Any:
     return current_app.extensions["redis"]
 
 
-def dead_letter(envelope: Envelope, error: str, attempts: int) -> None:
-    """Keep an event that gave up; in Redis when the database cannot take it."""
+def dead_letter(envelope: Envelope, error: str, attempts: int, letter_key: str) -> None:
+    """Keep an event that gave up, under ``letter_key``; raises NotKept when nothing can keep it."""
     key = envelope.key
-    record = {"envelope": json.loads(envelope.to_json()), "error": error[:2000], "attempts": attempts,
-              "failed_at": utcnow().isoformat()}
+    record = {"letter_key": letter_key, "envelope": json.loads(envelope.to_json()), "error": error[:2000],
+              "attempts": attempts, "failed_at": utcnow().isoformat()}
     try:
         _store(record)
-    except Exception as exc:  # the database is down or broken: Redis holds it until it is back
+    except Exception as exc:  # the database is down or broken
         db.session.rollback()
+        if not pending.in_use():
+            raise NotKept(f"the database cannot take it ({type(exc).__name__})") from exc
+        try:
+            _redis().rpush(DEAD_LETTER_LIST, json.dumps(record))
+        except redis.RedisError as redis_exc:
+            raise NotKept(f"neither the database ({type(exc).__name__}) nor Redis "
+                          f"({type(redis_exc).__name__}) can take it") from redis_exc
         log.warning("dead_letter_to_redis", event_key=key, error_type=type(exc).__name__)
-        _redis().rpush(DEAD_LETTER_LIST, json.dumps(record))
-    pending.remove(key)
+    try:
+        pending.remove(key)
+    except redis.RedisError:  # kept all the same; the sweeper may send the event once more
+        log.warning("pending_remove_failed", event_key=key)
     log.error("event_dead_lettered", event_key=key, session_id=envelope.message.get("session_id"),
               attempts=attempts, error=error[:200])
 
 
-def _store(record: dict[str, Any]) -> DeadLetter:
+def _store(record: dict[str, Any]) -> None:
+    """File one dead letter; a letter already filed under its key is left as it is."""
     envelope = record["envelope"]
-    row = DeadLetter(
-        fingerprint=Event.from_message(envelope["message"]).fingerprint,
-        session_id=envelope["message"]["session_id"],
-        message=envelope,
-        error=record["error"],
-        attempts=record["attempts"],
-        failed_at=parse_rfc3339(record["failed_at"]),
-    )
-    db.session.add(row)
-    db.session.commit()
-    return row
+    values = {
+        "letter_key": record["letter_key"],
+        "fingerprint": Event.from_message(envelope["message"]).fingerprint,
+        "session_id": envelope["message"]["session_id"],
+        "message": envelope,
+        "error": record["error"],
+        "attempts": record["attempts"],
+        "failed_at": parse_rfc3339(record["failed_at"]),
+    }
+    session = db.session
+    insert = dialect_insert(session.connection().dialect.name)
+    session.execute(insert(DeadLetter).values(values).on_conflict_do_nothing(index_elements=["letter_key"]))
+    session.commit()
 
 
 def drain_redis() -> int:
-    """Move dead letters Redis held while the database was down into the table."""
+    """File the dead letters Redis held while the database was down; returns how many were read.
+
+    Any number of drainers may run at once: each files the list's head (a no-op when another
+    filed it already) and then removes that very record (not whatever is at the head by then)."""
     client = _redis()
     moved = 0
-    while (raw := client.lindex(DEAD_LETTER_LIST, 0)) is not None:
-        _store(json.loads(raw))
-        client.lpop(DEAD_LETTER_LIST)
-        moved += 1
+    try:
+        while (raw := client.lindex(DEAD_LETTER_LIST, 0)) is not None:
+            record = json.loads(raw)
+            # Records written before dead letters had keys: the record's own digest is its key.
+            record.setdefault("letter_key", "redis:" + hashlib.sha256(raw).hexdigest())
+            _store(record)
+            client.lrem(DEAD_LETTER_LIST, 1, raw)
+            moved += 1
+    except redis.RedisError:
+        if pending.in_use():
+            raise
+        log.warning("dead_letter_drain_skipped")  # RabbitMQ: Redis is a cache, and holds none but old ones
     return moved
 
 
@@ -76,20 +114,35 @@ def count() -> int:
     """Dead letters not replayed yet, in the database and in Redis."""
     unreplayed = db.session.scalar(select(func.count()).select_from(DeadLetter).where(DeadLetter.replayed_at.is_(None)))
     db.session.rollback()
-    return int(unreplayed or 0) + int(_redis().llen(DEAD_LETTER_LIST))
+    try:
+        held = int(_redis().llen(DEAD_LETTER_LIST))
+    except redis.RedisError:
+        if pending.in_use():
+            raise
+        held = 0
+    return int(unreplayed or 0) + held
 
 
 def replay(letter_ids: list[int] | None, queue: str) -> list[int]:
-    """Send dead letters again (all unreplayed ones when ``letter_ids`` is None)."""
-    query = select(DeadLetter).order_by(DeadLetter.id)
-    query = query.where(DeadLetter.id.in_(letter_ids)) if letter_ids is not None else query.where(
-        DeadLetter.replayed_at.is_(None)
-    )
-    replayed = []
-    for letter in db.session.scalars(query):
+    """Send dead letters again (all unreplayed ones when ``letter_ids`` is None).
+
+    One letter per transaction, locked while it is sent: a concurrent replay skips it
+    (PostgreSQL; on SQLite each transaction holds the single writer). A replay that dies between
+    the send and the commit leaves the letter unreplayed: it is sent again, and applies once."""
+    replayed: list[int] = []
+    after = 0
+    session = db.session
+    while True:
+        query = select(DeadLetter).where(DeadLetter.id > after).order_by(DeadLetter.id).limit(1)
+        query = query.where(DeadLetter.id.in_(letter_ids)) if letter_ids is not None else query.where(
+            DeadLetter.replayed_at.is_(None))
+        letter = session.scalar(query.with_for_update(skip_locked=True))
+        if letter is None:
+            session.rollback()
+            return replayed
+        after = letter.id
         envelope = Envelope(letter.message["message"], letter.message["received_at"], letter.message.get("request_id"))
         send(envelope, queue, hold=True)
         letter.replayed_at = utcnow()
-        db.session.commit()
+        session.commit()
         replayed.append(letter.id)
-    return replayed

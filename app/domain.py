@@ -238,7 +238,7 @@ def _ensure_recording(session: Session, session_id: str, received_at: datetime, 
         "processed_at": now,
     }
     dialect = session.connection().dialect.name  # the transaction's own connection: no bind lookup
-    statement = _insert(dialect)(VoiceRecording).values(values).on_conflict_do_nothing(index_elements=["id"])
+    statement = dialect_insert(dialect)(VoiceRecording).values(values).on_conflict_do_nothing(index_elements=["id"])
     session.execute(statement)
 
 
@@ -246,7 +246,7 @@ def _ensure_recording(session: Session, session_id: str, received_at: datetime, 
 _DIALECTS = ("postgresql", "sqlite")
 
 
-def _insert(dialect: str) -> Any:
+def dialect_insert(dialect: str) -> Any:
     """The dialect's own INSERT. Its module came with the engine, so a worker on SQLite does not
     load PostgreSQL's dialect (about 2.5 MB) and one on PostgreSQL does not load SQLite's."""
     if dialect not in _DIALECTS:

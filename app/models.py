@@ -114,6 +114,10 @@ class DeadLetter(db.Model):
     __tablename__ = "dead_letters"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Who filed it: the task id of the message that gave up, or of the broker's dead-lettered
+    # message. Unique, so that filing one twice (two drainers, a drainer that died half-way)
+    # keeps it once. Empty on rows filed before it existed.
+    letter_key: Mapped[str | None] = mapped_column(String(200))
     fingerprint: Mapped[str] = mapped_column(String(64), index=True)
     session_id: Mapped[str] = mapped_column(String(128))
     message: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -121,6 +125,8 @@ class DeadLetter(db.Model):
     attempts: Mapped[int] = mapped_column(Integer)
     failed_at: Mapped[datetime] = mapped_column(UTCDateTime)
     replayed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (UniqueConstraint("letter_key", name="uq_dead_letters_letter_key"),)
 
 
 class HookOutbox(db.Model):

@@ -168,7 +168,8 @@ def test_each_resend_of_an_event_waits_twice_as_long(app: Flask) -> None:
 def test_dead_letters_are_stored_listed_and_replayed_once(app: Flask) -> None:
     with app.app_context():
         env = envelope()
-        dead_letter(env, "OperationalError: down", attempts=11)
+        dead_letter(env, "OperationalError: down", attempts=11, letter_key="task-1")
+        dead_letter(env, "OperationalError: down", attempts=11, letter_key="task-1")  # its message came back
         [letter] = db.session.scalars(select(DeadLetter)).all()
         assert (letter.session_id, letter.attempts, letter.fingerprint) == ("S", 11, env.key)
         assert replay(None, REPLAY_QUEUE) == [letter.id]
@@ -183,7 +184,7 @@ def test_dead_letters_go_to_redis_while_the_database_is_down(app: Flask, setting
     nowhere = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/none"
     broken = create_app(Settings(database_url=nowhere, redis_url=settings.redis_url))
     with broken.app_context():
-        dead_letter(envelope(), "OperationalError: down", attempts=11)
+        dead_letter(envelope(), "OperationalError: down", attempts=11, letter_key="task-1")
         db.engine.dispose()
     assert broken.extensions["redis"].llen(DEAD_LETTER_LIST) == 1
     with app.app_context():
