@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 import random
+import time
+from typing import NoReturn
 
 import redis
 import structlog
 from celery import Task, shared_task
+from celery.exceptions import Reject
 from flask import current_app
 from sqlalchemy import exc as sa_exc
 
@@ -28,13 +31,20 @@ from app.timeutil import parse_rfc3339, utcnow
 log = structlog.get_logger(__name__)
 
 # Only these are worth waiting for: the database or Redis unreachable, a lock or pool timeout,
-# or another task applying the same event right now. Anything else is not retried.
+# a Redis that refuses writes for now (a replica after a failover, out of memory under
+# noeviction, loading its data), or another task applying the same event right now. Anything else
+# is not retried.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     sa_exc.OperationalError,
     sa_exc.InterfaceError,
     sa_exc.TimeoutError,
     redis.ConnectionError,
     redis.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.MasterDownError,
     ClaimBusy,
 )
 # Retry policy: exponential backoff from 1 s with equal jitter, capped; the number of retries is
@@ -42,6 +52,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 30.0  # below the broker's visibility timeout, so a waiting retry is never redelivered
 CLAIM_BUSY_MAX_SECONDS = 5.0  # the other task usually finishes in milliseconds
+# When the broker refuses a retry's message, the task's own message goes back to its queue after
+# this pause (not at once: the broker that refused is likely to refuse again right away).
+REQUEUE_PAUSE_SECONDS = 5.0
 PRUNE_TASK_SECONDS = 8.0  # under the soft time limit (12 s); about a million events at the measured rate
 
 
@@ -66,36 +79,56 @@ def apply_webhook_event(self: Task, message: dict, received_at: str, request_id:
     try:
         outcome = deliver(envelope, owner=self.request.id)
     except TRANSIENT_ERRORS as exc:
-        attempts = self.request.retries + 1
         settings = current_app.extensions["settings"]
         # Busy is not a failure of this event: the claim's holder applies it, or died (killed, or
         # its host cut off) and its claim expires within dedup.CLAIM_TTL_SECONDS. Dead-lettering
         # while the claim stands would leave the event unapplied (the dead letter drops it from the
         # pending set), so a busy copy keeps waiting, CLAIM_BUSY_MAX_SECONDS apart at most.
         if self.request.retries >= settings.event_max_retries and not isinstance(exc, ClaimBusy):
-            deadletters.dead_letter(envelope, f"{type(exc).__name__}: {exc}", attempts)
-            metrics.observe_event("dead_lettered")
-            return "dead_lettered"
-        countdown = backoff_seconds(self.request.retries, busy=isinstance(exc, ClaimBusy))
-        if settings.celery_queue_type == "quorum":
-            # RabbitMQ's delayed delivery counts whole seconds, and refuses (and drops) a message
-            # whose countdown rounds down to zero.
-            countdown = float(max(1, math.ceil(countdown)))
-        pending.postpone(envelope.key, countdown)
-        metrics.observe_event("retried")
-        log.warning("event_retry", attempt=attempts, countdown=round(countdown, 2), error_type=type(exc).__name__)
-        raise self.retry(exc=exc, countdown=countdown, max_retries=None) from None
+            return give_up(self, envelope, exc)
+        retry_later(self, envelope, exc, backoff_seconds(self.request.retries, busy=isinstance(exc, ClaimBusy)))
     except Exception as exc:  # not transient: retrying cannot help, so keep it rather than loop or lose it
         log.exception("event_failed")
-        deadletters.dead_letter(envelope, f"{type(exc).__name__}: {exc}", self.request.retries + 1)
-        metrics.observe_event("dead_lettered")
-        return "dead_lettered"
+        return give_up(self, envelope, exc)
     relay_after_commit(db.session, message["session_id"])
     lag = None if outcome == DUPLICATE else (utcnow() - parse_rfc3339(received_at)).total_seconds()
     metrics.observe_event(outcome, lag)
     log.info("event_applied", outcome=outcome, phone_number=mask_phone(message.get("phone_number")),
              status=message.get("status"))
     return outcome
+
+
+def give_up(task: Task, envelope: Envelope, exc: BaseException) -> str:
+    """Dead-letter the event; while no store can take it, its message stays in the broker."""
+    try:
+        deadletters.dead_letter(envelope, f"{type(exc).__name__}: {exc}", task.request.retries + 1,
+                                letter_key=task.request.id)
+    except deadletters.NotKept as not_kept:
+        log.warning("dead_letter_deferred", reason=str(not_kept))
+        retry_later(task, envelope, not_kept, BACKOFF_MAX_SECONDS)
+    metrics.observe_event("dead_lettered")
+    return "dead_lettered"
+
+
+def retry_later(task: Task, envelope: Envelope, exc: BaseException, countdown: float) -> NoReturn:
+    """Send the task again after ``countdown``; when the broker refuses that message, put this
+    one back in its queue instead. Celery's own answer to a refused retry is a reject without
+    requeue, which a broker without a dead-letter queue (RabbitMQ's default) discards."""
+    settings = current_app.extensions["settings"]
+    if settings.celery_queue_type == "quorum":
+        # RabbitMQ's delayed delivery counts whole seconds, and refuses (and drops) a message
+        # whose countdown rounds down to zero.
+        countdown = float(max(1, math.ceil(countdown)))
+    pending.postpone(envelope.key, countdown)
+    metrics.observe_event("retried")
+    log.warning("event_retry", attempt=task.request.retries + 1, countdown=round(countdown, 2),
+                error_type=type(exc).__name__)
+    try:
+        raise task.retry(exc=exc, countdown=countdown, max_retries=None) from None
+    except Reject as refused:  # Celery could not publish the retry
+        log.warning("retry_refused", error=str(refused.reason)[:200])
+        time.sleep(min(countdown, REQUEUE_PAUSE_SECONDS))
+        raise Reject(refused.reason, requeue=True) from None
 
 
 @shared_task(name=SWEEP_TASK)
@@ -105,17 +138,22 @@ def sweep_pending_task() -> int:
     try:
         deadletters.drain_redis()
     except (sa_exc.SQLAlchemyError, *REDIS_DOWN):
+        db.session.rollback()
         log.warning("dead_letter_drain_deferred")
     relay_hooks_later()
-    return resend_due()
+    resent = resend_due()
+    metrics.note_sweep(current_app.extensions["settings"].sweep_interval_seconds)
+    return resent
 
 
 def relay_hooks_later() -> None:
+    """The sweeper's relay: whatever fails here (the database, the broker), the rows stay for
+    the next sweep, and the sweep goes on with the pending set."""
     try:
         relay_hooks(db.session, path="sweeper")
-    except sa_exc.SQLAlchemyError:
+    except Exception as exc:
         db.session.rollback()
-        log.warning("hook_relay_deferred")
+        log.warning("hook_relay_deferred", error_type=type(exc).__name__)
 
 
 @shared_task(name=PRUNE_TASK)
