@@ -1,8 +1,9 @@
 """Applying one event in a worker, exactly once in effect.
 
 Claim the event's dedup key, apply it in one transaction, mark the key done (and drop the event
-from the pending set). On RabbitMQ, where Redis is only the dedup cache, an unreachable Redis is
-not a reason to wait: the database's fingerprint, checked under the recording's lock, decides.
+from the pending set). On RabbitMQ, where Redis is only the dedup cache, a Redis that cannot serve
+(unreachable, or refusing: read-only after a failover, out of memory, loading) is not a reason to
+wait: the database's fingerprint, checked under the recording's lock, decides.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ log = structlog.get_logger(__name__)
 
 # Redis errors that mean "not reachable now" rather than a broken command.
 REDIS_DOWN: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
+# Where Redis is only the cache (RabbitMQ), any error of it leaves the decision to the database.
+CACHE_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError,)
 
 
 def deliver(envelope: Envelope, owner: str) -> str:
@@ -34,10 +37,10 @@ def deliver(envelope: Envelope, owner: str) -> str:
     cache_optional = not current_app.extensions["settings"].broker_is_redis
     try:
         state = "claimed" if fastpath.take_claim(owner) else dedup.claim(key, owner, received_at)
-    except REDIS_DOWN:
+    except CACHE_ERRORS as exc:
         if not cache_optional:
             raise  # Redis is the broker too: nothing can be acknowledged anyway, so retry
-        log.warning("dedup_cache_unavailable", event_key=key)
+        log.warning("dedup_cache_unavailable", event_key=key, error_type=type(exc).__name__)
         return apply_event(db.session, event, received_at)  # the fingerprint is the guard
     if state == "duplicate":
         return DUPLICATE
@@ -54,8 +57,9 @@ def deliver(envelope: Envelope, owner: str) -> str:
             raise
     try:
         dedup.finish(key, received_at, owner)
-    except REDIS_DOWN:
+    except CACHE_ERRORS as exc:
         if not cache_optional:
             raise
-        log.warning("dedup_mark_failed", event_key=key)  # committed; a later copy meets the fingerprint
+        # Committed; a later copy meets the fingerprint. The claim expires on its own.
+        log.warning("dedup_mark_failed", event_key=key, error_type=type(exc).__name__)
     return outcome
