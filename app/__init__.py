@@ -118,14 +118,18 @@ class _LazyMigrate:
 
 def _serialize_sqlite_writes(engine: Engine) -> None:
     """Every SQLite transaction takes the write lock at BEGIN, so concurrent workers serialize
-    instead of failing to upgrade a read lock; WAL keeps readers from blocking on writers."""
+    instead of failing to upgrade a read lock; WAL keeps readers from blocking on writers.
+
+    synchronous=FULL: a commit is on disk before it returns. (NORMAL, WAL's usual pairing, may
+    undo the last commits on a power cut, while their done marks already reached Redis: later
+    copies of those events would then be turned away, and the events lost.)"""
 
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # SQLAlchemy, not the driver, emits BEGIN
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
