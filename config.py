@@ -234,6 +234,11 @@ class Settings:
         return self.broker_url.startswith(HOLDING_BROKER_SCHEMES) and self.broker_url == self.redis_url
 
     @property
+    def sweep_interval_seconds(self) -> float:
+        """How often beat sends the sweeper: a quarter of the redelivery age, at least 5 s."""
+        return max(5.0, self.pending_redelivery_seconds / 4)
+
+    @property
     def redis_is_sentinel(self) -> bool:
         return self.redis_url.startswith(SENTINEL_SCHEME)
 

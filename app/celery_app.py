@@ -110,7 +110,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "beat_schedule": {
             "sweep-pending": {
                 "task": SWEEP_TASK,
-                "schedule": max(5.0, settings.pending_redelivery_seconds / 4),
+                "schedule": settings.sweep_interval_seconds,
                 "options": {"queue": MAINTENANCE_QUEUE, "expires": 60},
             },
             **_retention_schedule(settings),

@@ -113,6 +113,19 @@ def note_unknown_at_values(values: tuple[tuple[str, str], ...]) -> None:
             log.warning("unknown_at_value", field=field, value=value[:100])
 
 
+# The sweeper's clock (beat) is watched: every sweep records when it ran and how often it should.
+# "max" over the processes: the latest sweep any worker ran, kept after that process exits.
+SWEEP_LAST_RUN = Gauge("voice_sweep_last_run_timestamp_seconds", "When a worker last ran the sweeper (Unix time).",
+                       multiprocess_mode="max")
+SWEEP_INTERVAL = Gauge("voice_sweep_interval_seconds", "How often beat is set to send the sweeper.",
+                       multiprocess_mode="max")
+
+
+def note_sweep(interval_seconds: float) -> None:
+    SWEEP_LAST_RUN.set(time.time())
+    SWEEP_INTERVAL.set(interval_seconds)
+
+
 def observe_event(outcome: str, lag_seconds: float | None = None) -> None:
     EVENTS.labels(outcome=outcome).inc()
     if lag_seconds is not None:
