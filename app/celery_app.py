@@ -16,7 +16,7 @@ from kombu import Exchange, Queue
 
 from app import metrics
 from app.logs import configure_logging
-from app.queues import ALL_QUEUES, MAINTENANCE_QUEUE, PRUNE_TASK, SWEEP_TASK, WEBHOOK_QUEUE
+from app.queues import ALL_QUEUES, DEAD_LETTER_QUEUE, MAINTENANCE_QUEUE, PRUNE_TASK, SWEEP_TASK, WEBHOOK_QUEUE
 from config import Settings
 
 # A task runs in milliseconds; the limits only stop one stuck on a hung connection. They sit above
@@ -125,13 +125,22 @@ def broker_transport(settings: Settings) -> str | None:
     return "app.transport:SentinelTransport" if settings.broker_is_sentinel else "app.transport:Transport"
 
 
+# Quorum queues: a message delivered this many times (a worker that dies on it every time, or a
+# broker that keeps refusing its retry) is dead-lettered to DEAD_LETTER_QUEUE, never dropped
+# (RabbitMQ 4 drops it after 20 deliveries unless the queue names a dead-letter exchange).
+DELIVERY_LIMIT = 20
+
+
 def queue_config(settings: Settings) -> dict[str, Any]:
     """The service's queues. Quorum queues (RabbitMQ, replicated) are bound to topic exchanges, so
     that a retry's countdown waits in the broker (Celery's native delayed delivery) instead of
-    in a worker holding the message unacknowledged."""
+    in a worker holding the message unacknowledged; each has a delivery limit and dead-letters
+    at least once (confirmed by the dead-letter queue before it leaves the source) past it."""
     if settings.celery_queue_type != "quorum":
         return {}
-    arguments = {"x-queue-type": "quorum"}
+    arguments = {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT,
+                 "x-dead-letter-exchange": DEAD_LETTER_QUEUE, "x-dead-letter-strategy": "at-least-once",
+                 "x-overflow": "reject-publish"}
     return {
         "task_queues": [Queue(name, Exchange(name, type="topic"), routing_key=name, queue_arguments=arguments)
                         for name in ALL_QUEUES],
@@ -140,6 +149,12 @@ def queue_config(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queue_type": "quorum",
         "task_create_missing_queue_exchange_type": "topic",
     }
+
+
+def dead_letter_queue() -> Queue:
+    """Where quorum queues dead-letter: a quorum queue of its own, behind a fanout exchange."""
+    return Queue(DEAD_LETTER_QUEUE, Exchange(DEAD_LETTER_QUEUE, type="fanout"), routing_key=DEAD_LETTER_QUEUE,
+                 queue_arguments={"x-queue-type": "quorum"})
 
 
 def _retention_schedule(settings: Settings) -> dict[str, Any]:
@@ -168,6 +183,12 @@ def celery_init_app(app: Flask) -> Celery:
     @signals.worker_init.connect(weak=False)
     def _prune_metrics(**_kwargs: Any) -> None:
         metrics.prune_dead_process_files()
+
+    @signals.worker_ready.connect(weak=False)
+    def _declare_dead_letter_queue(**_kwargs: Any) -> None:
+        if settings.celery_queue_type == "quorum":  # before any message can reach the delivery limit
+            with celery_app.connection_for_write() as connection:
+                dead_letter_queue().bind(connection.default_channel).declare()
 
     @signals.worker_ready.connect(weak=False)
     def _metrics_port(**_kwargs: Any) -> None:

@@ -13,8 +13,8 @@ from flask import current_app
 from sqlalchemy import select
 
 from app import pending
+from app.deadletters import drain_broker, replay
 from app.deadletters import drain_redis as drain_redis_dead_letters
-from app.deadletters import replay
 from app.extensions import db
 from app.models import DeadLetter
 from app.publish import resend_due
@@ -36,6 +36,7 @@ def voice() -> None:
 def dead_letters(show_all: bool, as_json: bool) -> None:
     """List events that gave up after their last retry."""
     drain_redis_dead_letters()
+    drain_broker()
     query = select(DeadLetter).order_by(DeadLetter.id)
     if not show_all:
         query = query.where(DeadLetter.replayed_at.is_(None))
@@ -67,6 +68,7 @@ def replay_command(letter_ids: tuple[int, ...], replay_all: bool) -> None:
     if bool(letter_ids) == replay_all:
         raise click.UsageError("give dead-letter IDs or --all, not both")
     drain_redis_dead_letters()
+    drain_broker()
     replayed = replay(None if replay_all else list(letter_ids), REPLAY_QUEUE)
     missing = sorted(set(letter_ids) - set(replayed))
     click.echo(f"replayed {len(replayed)} dead letter(s)" + (f"; not found: {missing}" if missing else ""))

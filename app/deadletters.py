@@ -5,7 +5,9 @@ Where a dead letter is kept:
 - on the Redis broker, while the database cannot, in the broker's own Redis (a list), as durably
   as Redis keeps the messages themselves; the sweeper files them once the database is back;
 - on RabbitMQ never in Redis (only a cache there): while the database cannot take it, the task
-  keeps the message itself in RabbitMQ (``NotKept``: the task retries it later).
+  keeps the message itself in RabbitMQ (``NotKept``: the task retries it later). Quorum queues
+  dead-letter a message delivered more often than their delivery limit to a quorum queue of
+  their own, which the sweeper files here (``drain_broker``).
 
 Each dead letter carries a key (the task id of the message that gave up), unique in the table:
 filing one twice (two drainers at once, a drainer that died between filing and removing it from
@@ -30,6 +32,7 @@ from app.events import Event
 from app.extensions import db
 from app.models import DeadLetter
 from app.publish import send
+from app.queues import APPLY_EVENT_TASK
 from app.timeutil import parse_rfc3339, utcnow
 
 log = structlog.get_logger(__name__)
@@ -107,6 +110,37 @@ def drain_redis() -> int:
         if pending.in_use():
             raise
         log.warning("dead_letter_drain_skipped")  # RabbitMQ: Redis is a cache, and holds none but old ones
+    return moved
+
+
+def drain_broker() -> int:
+    """File the messages RabbitMQ dead-lettered past the quorum queues' delivery limit; returns
+    how many. Each message is acknowledged only after its letter is committed (a drainer that
+    dies in between leaves it in the queue, and filing it again keeps it once)."""
+    settings = current_app.extensions["settings"]
+    if settings.broker_is_redis or settings.celery_queue_type != "quorum":
+        return 0
+    from app.celery_app import DELIVERY_LIMIT, dead_letter_queue
+
+    moved = 0
+    with current_app.extensions["celery"].connection_for_write() as connection:
+        queue = dead_letter_queue().bind(connection.default_channel)
+        queue.declare()
+        while (message := queue.get(no_ack=False, accept=["json"])) is not None:
+            headers = message.headers or {}
+            if headers.get("task") == APPLY_EVENT_TASK:
+                args = message.payload[0]
+                envelope = Envelope(args[0], args[1], args[2] if len(args) > 2 else None)
+                _store({"letter_key": f"broker:{headers.get('id')}", "envelope": json.loads(envelope.to_json()),
+                        "error": f"delivered more than the queue's delivery limit ({DELIVERY_LIMIT}) allows",
+                        "attempts": int(headers.get("x-delivery-count") or DELIVERY_LIMIT),
+                        "failed_at": utcnow().isoformat()})
+                log.error("event_dead_lettered", event_key=envelope.key, session_id=args[0].get("session_id"),
+                          by="broker")
+            else:  # a sweep or a prune: the next one does its work
+                log.warning("broker_dead_lettered_task", task=headers.get("task"))
+            message.ack()
+            moved += 1
     return moved
 
 

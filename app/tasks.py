@@ -16,7 +16,7 @@ from sqlalchemy import exc as sa_exc
 
 from app import deadletters, metrics, pending
 from app.dedup import ClaimBusy
-from app.delivery import REDIS_DOWN, deliver
+from app.delivery import deliver
 from app.domain import DUPLICATE
 from app.envelope import Envelope
 from app.extensions import db
@@ -137,9 +137,10 @@ def sweep_pending_task() -> int:
     left in the outbox, and file Redis-held dead letters."""
     try:
         deadletters.drain_redis()
-    except (sa_exc.SQLAlchemyError, *REDIS_DOWN):
+        deadletters.drain_broker()
+    except Exception as exc:  # the database, Redis or the broker cannot now: the next sweep files them
         db.session.rollback()
-        log.warning("dead_letter_drain_deferred")
+        log.warning("dead_letter_drain_deferred", error_type=type(exc).__name__)
     relay_hooks_later()
     resent = resend_due()
     metrics.note_sweep(current_app.extensions["settings"].sweep_interval_seconds)

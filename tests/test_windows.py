@@ -25,7 +25,7 @@ from app.events import Event
 from app.extensions import db
 from app.models import DeadLetter, HookOutbox, WebhookEvent
 from config import Settings
-from tests.support import RedisServer, free_port, sqlite_only
+from tests.support import RedisServer, free_port, rabbitmq_vhost, sqlite_only, wait_for
 
 T0 = datetime(2026, 3, 6, 14, 0, tzinfo=UTC)
 PHONE = "+254712345678"
@@ -235,3 +235,43 @@ def test_a_row_the_broker_refuses_holds_back_its_recording_only(hook_app: Flask)
         client.config_set("proto-max-bulk-len", str(512 * 1024 * 1024))
     assert [url for _, url in sent_hooks(hook_app)] == [URL_A]  # OK's, not BIG's second
     assert outbox_urls(hook_app) == [URL_A, URL_B]  # BIG's two, in order
+
+
+@sqlite_only
+def test_quorum_queues_dead_letter_past_their_delivery_limit_and_the_sweeper_files_it(
+    make_app: Any, settings: Settings
+) -> None:
+    """A message delivered more often than the delivery limit goes to the dead-letter queue (not
+    dropped), and the drain files it as a dead letter, listed and replayable, once."""
+    from kombu import Connection
+
+    from app.celery_app import DELIVERY_LIMIT
+    from app.deadletters import drain_broker, replay
+    from app.publish import send
+    from app.queues import REPLAY_QUEUE, WEBHOOK_QUEUE
+
+    with rabbitmq_vhost() as broker_url:
+        app = make_app(Settings(database_url=settings.database_url, redis_url=settings.redis_url,
+                                celery_broker_url=broker_url, celery_queue_type="quorum", log_format="console"))
+        env = envelope("POISON")
+        with app.app_context():
+            assert drain_broker() == 0  # declares the dead-letter queue, as a worker does when ready
+            send(env, WEBHOOK_QUEUE)
+        declared = app.extensions["celery"].amqp.queues  # the service's own queue declarations
+        with Connection(broker_url) as connection:
+            queue = declared[WEBHOOK_QUEUE].bind(connection.default_channel)
+            for _ in range(DELIVERY_LIMIT + 1):  # each delivery given back, as a worker dying on it would
+                message = wait_for(lambda: queue.get(no_ack=False), timeout=10, interval=0.05)
+                message.reject(requeue=True)
+            assert queue.queue_declare(passive=True).message_count == 0  # no longer in the queue...
+        with app.app_context():
+            assert drain_broker() == 1  # ...but in the dead-letter queue, and now filed
+            assert drain_broker() == 0
+            [letter] = db.session.scalars(select(DeadLetter)).all()
+            assert letter.session_id == "POISON" and "delivery limit" in letter.error
+            assert replay(None, REPLAY_QUEUE) == [letter.id]
+        with Connection(broker_url) as connection:
+            queue = declared[REPLAY_QUEUE].bind(connection.default_channel)
+            message = wait_for(lambda: queue.get(no_ack=False), timeout=10, interval=0.05)
+            assert message.payload[0][0] == env.message
+            message.ack()

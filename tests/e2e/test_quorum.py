@@ -69,3 +69,32 @@ def test_a_retry_waits_in_the_broker_and_then_applies(quorum: Stack) -> None:
     assert "Direct exchanges are not supported" not in worker_log
     assert any(name.startswith("celery_delayed_") for name in queue_types(quorum))
     cache.close()
+
+
+def test_a_retry_the_broker_refuses_leaves_the_message_in_the_broker(tmp_path: Path) -> None:
+    """The retry's publish fails (the delayed-delivery exchange is gone): Celery's own answer is a
+    reject without requeue, which discards the message. The task puts it back in its queue
+    instead; once the cause is gone, the event is applied."""
+    from kombu import Connection
+
+    with rabbitmq_vhost() as broker_url:
+        stack = Stack(tmp_path, f"sqlite:///{tmp_path / 'voice.db'}", worker_concurrency=1,
+                      CELERY_BROKER_URL=broker_url, CELERY_QUEUE_TYPE="quorum")
+        try:
+            stack.start()
+            with Connection(broker_url) as connection:
+                connection.default_channel.exchange_delete("celery_delayed_27")  # where a countdown goes first
+            session = f"refused_{uuid.uuid4().hex[:10]}"
+            fields = {"sessionId": session, "phoneNumber": "+254712345678", "status": "completed"}
+            key = parse_event(decode_body(FORM, urlencode(fields).encode())).key
+            cache = redis.Redis.from_url(stack.redis.url)
+            cache.set(DEDUP_PREFIX + key, "claim:another-task", ex=120)  # the task must retry
+            assert stack.post_form(fields)[0] == 200
+            wait_for(lambda: '"event": "event_retry"' in stack.log("worker"), timeout=60, interval=0.1)
+            cache.delete(DEDUP_PREFIX + key)  # the claim is gone: the message, if still in the broker, applies
+            [event] = stack.wait_for_events(session, 1, timeout=60)
+            assert event["status"] == "completed"
+            assert '"event": "retry_refused"' in stack.log("worker")  # the retry's publish did fail
+            cache.close()
+        finally:
+            stack.stop()
