@@ -40,7 +40,8 @@ def test_promtool_unit_tests_pass() -> None:
 def exported_names() -> set[str]:
     """Every sample name the service's processes serve, as prometheus_client writes them."""
     names = {metrics.SOURCE_UP, *(name for name, *_ in metrics.STATE_GAUGES)}
-    names.update(family.name for gauge in (metrics.SWEEP_LAST_RUN, metrics.SWEEP_INTERVAL) for family in gauge.collect())
+    for gauge in (metrics.SWEEP_LAST_RUN, metrics.SWEEP_INTERVAL):
+        names.update(family.name for family in gauge.collect())
     for metric in (metrics.WEBHOOKS, metrics.ACK_SECONDS, metrics.EVENTS, metrics.EVENT_LAG, metrics.UNKNOWN_AT_VALUES,
                    hooks.SENT, hooks.FAILED):
         for family in metric.collect():  # a labelled metric has no sample until first used: name them
