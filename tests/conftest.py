@@ -23,9 +23,11 @@ API_KEY = "test-api-key"
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind() -> Iterator[None]:
-    """Fails the session when a process, folder, database, RabbitMQ vhost or network namespace the
-    suite made is still there at its end. Set up first, so it looks after every other fixture's
-    teardown; it looks only at what this test process made, not at other suites on the machine."""
+    """Fails the session when a process, folder (a PostgreSQL or RabbitMQ node's), database,
+    RabbitMQ vhost, network namespace, link or address the suite made is still there at its end.
+    Set up first, so it looks after every other fixture's teardown; it looks only at what this test
+    process made (``tests.support.made`` records each as it is made), not at other suites on the
+    machine. tests/test_leftovers.py checks that each kind, left behind, is reported."""
     adopt_orphans()
     yield
     found = leftovers()

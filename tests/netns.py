@@ -20,6 +20,10 @@ import subprocess
 import uuid
 from dataclasses import dataclass
 
+import pytest
+
+from tests.support import address_record, made
+
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
@@ -34,6 +38,20 @@ def available() -> str | None:
     except (FileNotFoundError, subprocess.CalledProcessError) as exc:
         return f"ip netns unavailable: {exc}"
     return None
+
+
+def require(purpose: str) -> None:
+    """For a test whose claim rests on hosts of its own: where namespaces cannot be made it never
+    runs a weaker variant. It fails (as root, which is how CI runs the suite, or wherever ``CI``
+    is set: there it should work), else it is skipped with the reason, which pytest's summary
+    lists."""
+    reason = available()
+    if reason is None:
+        return
+    message = f"{purpose} needs network namespaces, and {reason}"
+    if os.geteuid() == 0 or os.environ.get("CI"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
 
 
 @dataclass
@@ -61,16 +79,20 @@ class Hosts:
 
     def __enter__(self) -> Hosts:
         try:
+            # Each namespace, link and address is recorded (tests.support.made) before it is made,
+            # so that the session's end reports whatever ``remove`` did not take away.
+            made("address", address_record(f"{self.shared_address}/32", "lo"))
+            self._shared_added = True  # removing an address never added only fails, unchecked
             _ip("addr", "add", f"{self.shared_address}/32", "dev", "lo", "label", f"lo:v{self.tag}")
-            self._shared_added = True
             base = int(self.subnet.network_address)
             for n in range(self.count):
                 namespace, outer, inner = f"voice-{self.tag}-{n}", f"vh{self.tag}{n}", f"vn{self.tag}{n}"
                 server, own = ipaddress.IPv4Address(base + 4 * n + 1), ipaddress.IPv4Address(base + 4 * n + 2)
+                self.hosts.append(Host(made("netns", namespace), made("link", outer), str(server), str(own)))
                 _ip("netns", "add", namespace)
-                self.hosts.append(Host(namespace, outer, str(server), str(own)))
                 _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
                 _ip("link", "set", inner, "netns", namespace)
+                made("address", address_record(f"{server}/30", outer))
                 _ip("addr", "add", f"{server}/30", "dev", outer)
                 _ip("link", "set", outer, "up")
                 _ip("-n", namespace, "addr", "add", f"{own}/30", "dev", inner)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import kombu
 
-from tests.support import free_port, group_members, stop_group, wait_for
+from tests.support import free_port, group_members, made, stop_group, wait_for
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 
@@ -32,7 +32,9 @@ class RabbitNode:
         self.port = free_port()
         self.dist_port = free_port()
         self.name = f"voicetest-{uuid.uuid4().hex[:8]}@localhost"
-        self.workdir = Path(tempfile.mkdtemp(prefix="voice-rabbitmq-"))
+        # Outside pytest's tmp_path (the rabbitmq user must reach it): recorded, so that the
+        # session's end reports it if ``remove`` never ran.
+        self.workdir = Path(made("folder", tempfile.mkdtemp(prefix="voice-rabbitmq-")))
         self.process: subprocess.Popen[bytes] | None = None
         (self.workdir / "mnesia").mkdir()
         (self.workdir / "log").mkdir()

@@ -53,17 +53,43 @@ def wait_for(check: Callable[[], Any], timeout: float = 20.0, interval: float = 
 
 # --- what the suite made, so that the session can check it left nothing behind -----------------
 
-# Names of what this test process made on shared servers or in the system's folders, recorded as
-# they are made: the end-of-session check looks at these only, never at what other suites running
-# on the same machine made.
-MADE: dict[str, set[str]] = {"folder": set(), "database": set(), "vhost": set(), "netns": set()}
+# Names of what this test process made on shared servers, in the system's folders or in the
+# machine's network, recorded as they are made (just before, so that one half made is looked at
+# too): the end-of-session check looks at these only, never at what other suites running on the
+# same machine made. Kinds:
+# - folder: a path (a PostgreSQL or RabbitMQ node's folder outside pytest's tmp_path);
+# - database: a PostgreSQL database's name on the machine's server;
+# - vhost: a virtual host's name on the machine's RabbitMQ;
+# - netns: a network namespace's name (``ip netns``);
+# - link: a network interface's name in the machine's own namespace (a veth pair's end);
+# - address: an address added to an interface of the machine's own namespace, as
+#   ``<address>/<prefix> dev <interface>`` (``address_record``).
+MADE: dict[str, set[str]] = {"folder": set(), "database": set(), "vhost": set(), "netns": set(), "link": set(),
+                             "address": set()}
 _PR_SET_CHILD_SUBREAPER = 36
 
 
 def made(kind: str, name: str) -> str:
-    """Record something the suite made (a folder, database, vhost or network namespace)."""
+    """Record something the suite made (a folder, database, vhost, network namespace, link or
+    address: see ``MADE``); returns ``name``."""
     MADE[kind].add(name)
     return name
+
+
+def address_record(cidr: str, device: str) -> str:
+    """How an added address is recorded (``made("address", ...)``) and reported."""
+    return f"{cidr} dev {device}"
+
+
+def _addresses() -> set[str]:
+    """Every address on the interfaces of the machine's own network namespace, as recorded."""
+    listed = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True, check=True, timeout=30)
+    found = set()
+    for line in listed.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[2] in {"inet", "inet6"}:
+            found.add(address_record(fields[3], fields[1].split("@", 1)[0]))  # a veth end is "name@peer"
+    return found
 
 
 def adopt_orphans() -> bool:
@@ -154,25 +180,40 @@ def stop_group(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, time
         wait_for(gone, timeout=10, interval=0.05)
 
 
-def leftovers(timeout: float = 10) -> list[str]:
+def leftovers(timeout: float = 10, records: dict[str, set[str]] | None = None, processes: bool = True) -> list[str]:
     """What the suite made and did not remove: live descendants of this process, and recorded
-    folders, databases, vhosts and network namespaces that still exist. Waits up to ``timeout``
-    for what is still going away (a server finishing its shutdown)."""
+    folders, databases, vhosts, network namespaces, links and addresses that still exist. Waits up
+    to ``timeout`` for what is still going away (a server finishing its shutdown).
+
+    ``records`` (default: ``MADE``, what the suite recorded) and ``processes`` (whether to look
+    for live descendants) let a test check this function on records of its own."""
+    made_here = MADE if records is None else records
+    if set(made_here) - set(MADE):
+        raise KeyError(f"kinds leftovers cannot look for: {sorted(set(made_here) - set(MADE))}")
 
     def look() -> list[str]:
-        found = [f"process {pid}: {cmd[:200]}" for pid, cmd in descendants(os.getpid()).items()]
-        found += [f"folder {path}" for path in sorted(MADE["folder"]) if Path(path).exists()]
-        found += [f"network namespace {name}" for name in sorted(MADE["netns"])
+        recorded = {kind: made_here.get(kind, set()) for kind in MADE}
+        found = ([f"process {pid}: {cmd[:200]}" for pid, cmd in descendants(os.getpid()).items()]
+                 if processes else [])
+        found += [f"folder {path}" for path in sorted(recorded["folder"]) if Path(path).exists()]
+        found += [f"network namespace {name}" for name in sorted(recorded["netns"])
                   if Path("/run/netns", name).exists()]
-        if MADE["database"]:
+        found += [f"network link {name}" for name in sorted(recorded["link"])
+                  if Path("/sys/class/net", name).exists()]
+        if recorded["address"]:
+            found += [f"address {entry}" for entry in sorted(recorded["address"] & _addresses())]
+        if recorded["database"]:
             with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
                 rows = conn.execute("SELECT datname FROM pg_database WHERE datname = ANY(%s)",
-                                    [sorted(MADE["database"])]).fetchall()
+                                    [sorted(recorded["database"])]).fetchall()
             found += [f"database {name}" for (name,) in rows]
-        if MADE["vhost"]:
+        if recorded["vhost"]:
             listed = subprocess.run([_rabbitmqctl(), "list_vhosts", "--quiet", "--no-table-headers", "name"],
                                     capture_output=True, text=True, timeout=60)
-            found += [f"RabbitMQ vhost {name}" for name in sorted(MADE["vhost"] & set(listed.stdout.split()))]
+            if listed.returncode != 0:  # not knowing is not "nothing left": say so
+                found.append(f"RabbitMQ vhosts {sorted(recorded['vhost'])}: could not list the vhosts "
+                             f"({listed.stderr.strip()[:200]})")
+            found += [f"RabbitMQ vhost {name}" for name in sorted(recorded["vhost"] & set(listed.stdout.split()))]
         return found
 
     deadline = time.monotonic() + timeout
