@@ -23,10 +23,14 @@ from pathlib import Path
 import redis
 
 from tests.e2e.stack import Stack
-from tests.faults.scenarios import Attempt, Tally, make_events, post_like_at, post_once, tally
+from tests.faults.scenarios import Attempt, Tally, ident, make_events, post_like_at, post_once, stored_idents, tally
 from tests.netns import Hosts
 from tests.redis_ha import MASTER_NAME, SentinelGroup
 from tests.support import PostgresServer, wait_for
+
+
+class StreamRanOut(Exception):
+    """A scenario waited for more accepted events than its stream had left to send."""
 
 
 @dataclass
@@ -46,6 +50,7 @@ class SteadyStream:
         self.lock = threading.Lock()
         self.posted: list[Posted] = []
         self.stopped = threading.Event()
+        self.ran_out = False
         self.pause = pause
         self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
 
@@ -53,8 +58,9 @@ class SteadyStream:
         while not self.stopped.is_set():
             with self.lock:
                 fields = next(self.events, None)
-            if fields is None:
-                return
+                if fields is None:
+                    self.ran_out = True
+                    return
             started = time.monotonic()
             attempt = post_once(self.stack, fields)
             with self.lock:
@@ -74,6 +80,16 @@ class SteadyStream:
     def accepted_since(self, since: float) -> int:
         with self.lock:
             return sum(1 for p in self.posted if p.started >= since and p.attempt.status == 200)
+
+    def accepted_at_least(self, since: float, count: int) -> bool:
+        """Whether ``count`` events posted since ``since`` were answered 200; raises when too few
+        were and no more will come, so that a wait on it says why it gave up."""
+        ran_out = self.ran_out  # read first: an event posted after this is counted below
+        if self.accepted_since(since) >= count:
+            return True
+        if ran_out:
+            raise StreamRanOut(f"the stream ran out of events ({len(self.posted)} posted): too few for the scenario")
+        return False
 
 
 def idle(group: SentinelGroup) -> bool:
@@ -95,7 +111,9 @@ def sentinel_failover(workdir: Path, seed: int = 10, min_replicas: int = 0, lagg
     replication link up, and the worker is paused: what only the master held is still queued
     when it dies. Answered 200 then, it is lost; with REDIS_MIN_REPLICAS=1 it is refused (503)
     and sent again instead."""
-    events = make_events(sessions=600, participants=2, per_session=2, seed=seed, prefix=f"sentinel{min_replicas}")
+    # More events than the stream needs: it stops at the scenario's end, and a failover that is
+    # aborted once (cut-off replicas) refuses many of them fast meanwhile.
+    events = make_events(sessions=2500, participants=2, per_session=2, seed=seed, prefix=f"sentinel{min_replicas}")
     with contextlib.ExitStack() as cleanup:
         hosts = cleanup.enter_context(Hosts(2)) if lagging else None
         return _with_hosts(workdir, events, min_replicas, hosts)
@@ -120,9 +138,9 @@ def _run(stack: Stack, group: SentinelGroup, events: list[dict[str, str]], min_r
          hosts: Hosts | None) -> Tally:
     pids = {name: process.pid for name, process in stack.processes.items()}
     with SteadyStream(stack, events) as stream:
-        wait_for(lambda: stream.accepted_since(0) >= 60, timeout=60)
+        wait_for(lambda: stream.accepted_at_least(0, 60), timeout=60)
         old = group.master
-        paused_at = time.monotonic()
+        paused_at = cut_at = time.monotonic()
         if hosts is None:
             killed_at = time.monotonic()
             old.kill()
@@ -132,7 +150,8 @@ def _run(stack: Stack, group: SentinelGroup, events: list[dict[str, str]], min_r
             try:
                 for host in hosts.hosts:
                     hosts.cut(host)
-                wait_for(lambda: sum(1 for p in stream.posted if p.started >= paused_at) >= 20, timeout=30)
+                cut_at = time.monotonic()  # from here no packet reaches a replica
+                wait_for(lambda: sum(1 for p in stream.posted if p.started >= cut_at) >= 20, timeout=30)
                 # Both ends have given the replication link up (2 s of silence), so nothing the
                 # master still had to send reaches a replica once the links are back.
                 wait_for(lambda: old.client().info("replication")["connected_slaves"] == 0, timeout=30)
@@ -145,19 +164,19 @@ def _run(stack: Stack, group: SentinelGroup, events: list[dict[str, str]], min_r
                 os.killpg(worker, signal.SIGCONT)
         _new, promoted_at = group.wait_for_promotion(old.port, timeout=30)
         # Accepted again: a webhook sent after the kill answered 200.
-        wait_for(lambda: stream.accepted_since(killed_at) > 0, timeout=30, interval=0.02)
+        wait_for(lambda: stream.accepted_at_least(killed_at, 1), timeout=30, interval=0.02)
         with stream.lock:
             first_200 = min(p.started + p.attempt.seconds for p in stream.posted
                             if p.started >= killed_at and p.attempt.status == 200)
-        wait_for(lambda: stream.accepted_since(first_200) >= 60, timeout=60)  # and it stays so
+        wait_for(lambda: stream.accepted_at_least(first_200, 60), timeout=60)  # and it stays so
     posted = stream.posted
     acknowledged = {id(p.fields) for p in posted if p.attempt.status == 200}
     after_kill = [p.attempt for p in posted if p.started >= killed_at]
     refused = [a for a in after_kill if a.status != 200]
     # Africa's Talking sends again what was not answered 200.
     retried = [p.fields for p in posted if id(p.fields) not in acknowledged]
-    retries = list(itertools.chain.from_iterable(post_like_at(stack, fields, time.monotonic() + 60)
-                                                 for fields in retried))
+    retried_attempts = {id(fields): post_like_at(stack, fields, time.monotonic() + 60) for fields in retried}
+    retries = list(itertools.chain.from_iterable(retried_attempts.values()))
     # A task cut off mid-way by the kill keeps its claim, and its message waits out the broker's
     # visibility timeout (app.celery_app.VISIBILITY_TIMEOUT) before it comes back: allow for both.
     wait_for(lambda: idle(group), timeout=120, interval=0.5)
@@ -165,10 +184,23 @@ def _run(stack: Stack, group: SentinelGroup, events: list[dict[str, str]], min_r
     restarted = [name for name, process in stack.processes.items()
                  if process.poll() is not None or process.pid != pids.get(name)]
     sent = [p.fields for p in posted]
+    # Which events were lost, and when they had been answered 200: only the old master can have
+    # acknowledged an event it then took with it; one answered 200 after the kill (by the new
+    # master, or a retry) is held by the master that answered.
+    stored = set(stored_idents(stack))
+    lost = [p for p in posted if ident(p.fields) not in stored]
+    before_kill = [p for p in lost if id(p.fields) in acknowledged and p.started < killed_at]
+    cut_off = [p for p in posted if cut_at <= p.started < killed_at] if hosts else []
     return tally(
         stack, f"Redis master SIGKILLed behind Sentinel{', replicas cut off' if hosts else ''}, "
         f"REDIS_MIN_REPLICAS={min_replicas}", sent,
         answered_200=len(acknowledged),
+        answered_200_at_last=len(acknowledged) + sum(1 for attempts in retried_attempts.values()
+                                                     if attempts[-1].status == 200),
+        lost_acknowledged_after_kill=len(lost) - len(before_kill),
+        lost_acknowledged_before_kill=len(before_kill),
+        oldest_lost_posted_s_before_kill=round(max(killed_at - p.started for p in before_kill), 3)
+        if before_kill else None,
         after_kill=f"{sum(1 for a in after_kill if a.status == 200)} x 200, {len(refused)} refused",
         refused_statuses=sorted({a.status for a in refused}),
         refused_without_retry_after=sum(1 for a in refused if a.status == 503 and not a.retry_after),
@@ -179,6 +211,8 @@ def _run(stack: Stack, group: SentinelGroup, events: list[dict[str, str]], min_r
         retried_like_at=len(retried),
         retries_answered_200=sum(1 for a in retries if a.status == 200),
         processes_restarted=restarted,
-        **({"answered_200_while_replicas_cut_off": sum(
-            1 for p in posted if paused_at <= p.started < killed_at and p.attempt.status == 200)} if hosts else {}),
+        **({"replicas_cut_off_for_s": round(killed_at - cut_at, 2),
+            "posted_while_replicas_cut_off": len(cut_off),
+            "answered_200_while_replicas_cut_off": sum(1 for p in cut_off if p.attempt.status == 200),
+            "refused_while_replicas_cut_off": sum(1 for p in cut_off if p.attempt.status == 503)} if hosts else {}),
     )
