@@ -1,0 +1,90 @@
+"""A worker that sends task events (started with ``-E``, as for Flower) turns no duplicate away on
+arrival (app.fastpath): every message takes Celery's own path, so that whoever watches the events
+sees every task. The duplicates are still applied once: the task itself finds them done."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from app import create_app
+from app.events import Event
+from app.extensions import db
+from app.pending import PENDING_DUE
+from config import Settings
+from tests.conftest import migrate
+from tests.e2e.test_flower import procfile_command
+from tests.e2e.test_worker_line import commands, queue
+from tests.support import ROOT, RedisServer, spawn, stop_group, wait_for
+
+pytestmark = pytest.mark.e2e
+
+EVENTS = 40
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Its own Redis (broker and cache) and SQLite database; the environment a worker line runs in."""
+    server = RedisServer(tmp_path / "redis").start()
+    url = f"sqlite:///{tmp_path / 'voice.db'}"
+    migrate(url, server.url)
+    env = {**os.environ, "REDIS_URL": server.url, "DATABASE_URL": url, "LOG_FORMAT": "json",
+           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"), "WORKER_METRICS_PORT": "0",
+           "WORKER_CONCURRENCY": "1", "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    env.pop("CELERY_BROKER_URL", None)
+    try:
+        yield env
+    finally:
+        server.stop()
+
+
+def drain(env: dict[str, str], log: Path, *options: str) -> dict[str, int]:
+    """The Procfile's worker line with ``options`` added, until every queued event is applied and
+    acknowledged; returns the Redis commands sent meanwhile, by name."""
+    client = redis.Redis.from_url(env["REDIS_URL"])
+    client.config_resetstat()
+    worker = spawn(["bash", "-c", " ".join([procfile_command("worker"), *options])], log=log, cwd=ROOT, env=env)
+    try:
+        wait_for(lambda: client.zcard(PENDING_DUE) == 0, timeout=120, interval=0.1)
+        wait_for(lambda: client.hlen("unacked") == 0 and client.llen("voice-webhooks") == 0, timeout=30,
+                 interval=0.1)
+    finally:
+        stop_group(worker)
+    sent = commands(client)
+    client.close()
+    return sent
+
+
+def outcomes(log: Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if '"event_applied"' in line]
+
+
+def test_a_worker_sending_task_events_turns_no_duplicate_away_on_arrival(service: dict[str, str],
+                                                                         tmp_path: Path) -> None:
+    events = [Event(f"events_{i // 2}", "busy", f"+2547{i:08d}", None, None, {}) for i in range(EVENTS)]
+    queue(service, events)
+    drain(service, tmp_path / "new.log", "-E")
+    assert sum('"outcome": "applied"' in line for line in outcomes(tmp_path / "new.log")) == EVENTS
+
+    queue(service, events)  # every one again: duplicates, to a worker with task events on
+    sent = drain(service, tmp_path / "watched.log", "-E")
+    watched = outcomes(tmp_path / "watched.log")
+    assert sent.get("publish", 0) >= EVENTS, sent  # task events went out: -E took effect
+    assert sum('"outcome": "duplicate"' in line for line in watched) == EVENTS  # each one a task...
+    assert not [line for line in watched if '"turned_away"' in line]  # ...none turned away on arrival
+
+    # The control: the same duplicates to the same line without -E are turned away on arrival, so
+    # the absence above is the task events' doing, not a log line that changed.
+    queue(service, events)
+    drain(service, tmp_path / "unwatched.log")
+    unwatched = outcomes(tmp_path / "unwatched.log")
+    assert sum('"turned_away": "on arrival"' in line for line in unwatched) == EVENTS
+
+    app = create_app(Settings(redis_url=service["REDIS_URL"], database_url=service["DATABASE_URL"]))
+    with app.app_context():
+        assert db.session.execute(db.text("select count(*) from webhook_events")).scalar() == EVENTS  # once each
+        db.engine.dispose()
