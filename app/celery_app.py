@@ -10,6 +10,7 @@ import importlib
 import os
 from typing import Any
 
+import structlog
 from celery import Celery, Task, signals
 from flask import Flask
 from kombu import Exchange, Queue
@@ -24,7 +25,7 @@ from config import Settings
 # transient errors, and below the dedup claim's TTL, so a live task never loses its claim.
 # Celery enforces them in prefork pools only: the Procfile's solo processes rely on the timeouts
 # of every call a task makes instead (PostgreSQL: statement, lock, connect and TCP user timeouts;
-# Redis: REDIS_SOCKET_TIMEOUT), which bound a stuck call the same way.
+# Redis: the socket timeout, Settings.redis_socket_timeout), which bound a stuck call the same way.
 TASK_SOFT_TIME_LIMIT = 12
 TASK_TIME_LIMIT = 15
 # Redis transport: a message taken but not acknowledged goes back to its queue after this long.
@@ -179,6 +180,12 @@ def celery_init_app(app: Flask) -> Celery:
     def _logging(**_kwargs: Any) -> None:
         """The service's structured logs in the worker too, instead of Celery's own setup."""
         configure_logging(settings.log_level, settings.log_format)
+
+    @signals.task_postrun.connect(weak=False)
+    def _forget_task_log_context(**_kwargs: Any) -> None:
+        """The apply task binds its event_key, task_id... to the log context; left there, they would
+        label every line the process logs after the task (Celery's, the next message's)."""
+        structlog.contextvars.clear_contextvars()
 
     @signals.worker_init.connect(weak=False)
     def _prune_metrics(**_kwargs: Any) -> None:

@@ -21,6 +21,8 @@
 - The same channel serves one Redis server (``redis://``) and the master a Sentinel group names
   (``sentinel://``, kombu's Sentinel channel underneath, which finds the master again after a
   failover).
+- It leans on kombu internals (``_put``, ``_q_for_pri``, the QoS's unacked hash and index...):
+  docs/seams.md lists them, and tests/test_seams.py fails when an upgrade changes one.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +64,27 @@ _PUT_HELD_SHA = hashlib.sha1(_PUT_HELD.encode(), usedforsecurity=False).hexdiges
 
 class ReplicasBehind(redis.RedisError):
     """Fewer replicas than REDIS_MIN_REPLICAS acknowledged a held write in time."""
+
+
+# kombu transport options this channel does not handle. ``global_keyprefix`` makes kombu prefix
+# every key it writes (queues, the unacked hash and its index), while the held write's script
+# (above), app.dedup's claim script and app.pending name their keys unprefixed: held entries and
+# acknowledgements would miss kombu's keys without an error. Refused until those scripts take it.
+UNSUPPORTED_OPTIONS = ("global_keyprefix",)
+
+
+class UnsupportedTransportOption(ValueError):
+    """A kombu transport option the project's Redis channel would silently get wrong."""
+
+
+def refuse_unsupported_options(options: Mapping[str, Any]) -> None:
+    """Raise before any channel exists when ``options`` set one of ``UNSUPPORTED_OPTIONS``."""
+    for name in UNSUPPORTED_OPTIONS:
+        if options.get(name):
+            raise UnsupportedTransportOption(
+                f"broker transport option {name}={options[name]!r} is not supported by app.transport: kombu "
+                "would prefix its queue and unacked keys, but the held write, the dedup claim (app.dedup) "
+                "and the pending set (app.pending) use unprefixed keys; remove the option")
 
 
 class _Acks:
@@ -165,6 +188,10 @@ class HoldingChannel:
     # Transport options (REDIS_MIN_REPLICAS, REDIS_REPLICA_TIMEOUT_MS): 0 waits for no replica.
     min_replicas: int = 0
     replica_timeout_ms: int = 200
+
+    def __init__(self, connection: Any, **kwargs: Any) -> None:
+        refuse_unsupported_options(connection.client.transport_options or {})
+        super().__init__(connection, **kwargs)
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:

@@ -1,6 +1,6 @@
 """Runs N Celery worker processes side by side, each with the solo pool: the Procfile's ``worker``.
 
-    python scripts/worker_processes.py N celery -A worker worker --pool=solo [options...]
+    python scripts/worker_processes.py N python -m worker --pool=solo [options...]
 
 Why not one worker with a prefork pool of N: there, a main process fetches each message and hands
 it to a pool process over a pipe, and acknowledges it when the pool process says it is done. A
