@@ -20,6 +20,7 @@ from pathlib import Path
 
 import redis
 
+from bench.run import write_result
 from tests.e2e.stack import Stack
 from tests.faults.scenarios import make_events, post_all, wait_until_applied
 from tests.support import rabbitmq_vhost
@@ -55,11 +56,14 @@ def measure(events: int, broker_url: str | None) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=500)
-    events = parser.parse_args().events
-    result = {"redis_broker": measure(events, None)}
+    parser.add_argument("--out", type=Path, help="also write the result here (bench/results/DATE-redis-ops.json)")
+    args = parser.parse_args()
+    result = {"redis_broker": measure(args.events, None)}
     with rabbitmq_vhost() as broker_url:
-        result["rabbitmq_broker"] = measure(events, broker_url)
+        result["rabbitmq_broker"] = measure(args.events, broker_url)
     print(json.dumps(result, indent=2))
+    if args.out:
+        write_result(args.out, "redis-ops", f".venv/bin/python -m bench.redis_ops --events {args.events}", result)
 
 
 if __name__ == "__main__":

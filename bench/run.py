@@ -365,6 +365,13 @@ def chart(report: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def write_result(path: Path, kind: str, command: str, result: dict[str, Any]) -> None:
+    """A result file another command reads (bench.capacity): what, by which command, at which commit."""
+    stamped = {"kind": kind, "command": command, "commit": _commit(),
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result}
+    path.write_text(json.dumps(stamped, indent=2) + "\n")
+
+
 def _commit() -> str:
     done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return done.stdout.strip()

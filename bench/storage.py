@@ -27,6 +27,7 @@ from app.extensions import db
 from app.models import Participant, VoiceRecording, WebhookEvent
 from app.simulator import plan
 from app.timeutil import stamp
+from bench.run import write_result
 from config import Settings
 from tests.conftest import migrate
 from tests.support import RedisServer, pg_database
@@ -78,7 +79,12 @@ def measure(calls: int) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=2000)
-    print(json.dumps(measure(parser.parse_args().calls), indent=2))
+    parser.add_argument("--out", type=Path, help="also write the result here (bench/results/DATE-storage.json)")
+    args = parser.parse_args()
+    result = {"calls": args.calls, **measure(args.calls)}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        write_result(args.out, "storage", f".venv/bin/python -m bench.storage --calls {args.calls}", result)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,167 @@
+"""The capacity plan's tables, computed from the newest result files: docs/scaling.md holds this
+command's output between its ``capacity:`` markers, and a test fails when the two differ.
+
+    .venv/bin/python -m bench.capacity            # print the tables
+    .venv/bin/python -m bench.capacity --write    # put them into docs/scaling.md
+    .venv/bin/python -m bench.capacity --check    # exit 1 when docs/scaling.md differs
+
+Inputs: the newest ``bench/results/*.json`` written by ``bash bench/run.sh`` (web and worker
+rates), by ``python -m bench.redis_ops --out`` (Redis commands per event) and by
+``python -m bench.storage --out`` (bytes per row). Every planning assumption is a constant here,
+named and explained, so that a changed assumption is a changed line of code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "scaling.md"
+
+CORES = 2  # the benchmark machine's
+WEB_PLANNED_SHARE = 0.5  # plan the web at half its saturated rate: the rate at which p99 was measured
+WORKER_PLANNED_SHARE = 0.7  # plan a worker process at 70% of what it did beside its database
+DEDUP_TTL_SECONDS = 86400  # the default
+RATES = (100, 1_000, 10_000)
+PARTICIPANTS_PER_CALL = 2  # the storage run's calls
+
+
+def newest(kind: str) -> tuple[Path, dict[str, Any]]:
+    """The newest result file of a kind: 'bench' (bench/run.sh), 'redis-ops', 'storage'."""
+    found = []
+    for path in sorted(RESULTS.glob("*.json")):
+        data = json.loads(path.read_text())
+        if data.get("kind", "bench" if "processing" in data and not data.get("tiny") else None) == kind:
+            found.append((path, data))
+    if not found:
+        raise SystemExit(f"no {kind} result file in {RESULTS.relative_to(ROOT)}")
+    return found[-1]
+
+
+def source(path: Path, data: dict[str, Any]) -> str:
+    return f"`{data.get('command', 'bash bench/run.sh')}`, `{path.relative_to(ROOT)}` (commit {data['commit']})"
+
+
+def fmt(value: float, digits: int = 0) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def tables() -> str:
+    """The inputs table and the plan table, as markdown."""
+    bench_path, bench = newest("bench")
+    ops_path, ops = newest("redis-ops")
+    storage_path, storage = newest("storage")
+    webhook_rps = bench["ack"]["webhook_rps"]
+    open_50 = bench["ack"]["webhook_open_50"]
+    postgres = bench["processing"]["postgresql"]
+    line = postgres["line"]
+    redis_commands = ops["redis_broker"]["commands_per_event"]
+    cache_commands = ops["rabbitmq_broker"]["commands_per_event"]
+    events_published = ops["redis_broker"]["by_command"].get("publish", 0.0)
+    event_row = storage["tables"]["webhook_events"]
+    recording_row = storage["tables"]["voice_recordings"]["bytes_per_row"]
+    participant_row = storage["tables"]["participants"]["bytes_per_row"]
+    events_per_call = storage["events"] / storage["calls"]
+    key_bytes = storage["dedup_key_memory_usage_bytes"]
+
+    web_per_core = webhook_rps / CORES * WEB_PLANNED_SHARE
+    worker_per_process = line["new_eps"] / line["processes"] * WORKER_PLANNED_SHARE
+    bytes_per_event = (event_row["bytes_per_row"] + recording_row / events_per_call
+                       + PARTICIPANTS_PER_CALL * participant_row / events_per_call)
+    messages_per_event = 1 + events_published
+
+    rows = [
+        ("W", "webhooks answered per second, closed loop, 2 cores", f"{fmt(webhook_rps)} req/s",
+         source(bench_path, bench) + ", `ack.webhook_rps`"),
+        ("L", f"ack p99 at half that rate ({fmt(open_50['rate'])} req/s), open loop", f"{open_50['p99_ms']} ms",
+         "same file, `ack.webhook_open_50.p99_ms`"),
+        ("P", "new events applied per second, the Procfile's worker line, PostgreSQL",
+         f"{fmt(line['new_eps'], 1)} with {line['processes']} processes on 2 cores",
+         "same file, `processing.postgresql.line.new_eps`"),
+        ("D", "duplicates turned away per second, the same line", fmt(line["duplicate_eps"], 1),
+         "same file, `processing.postgresql.line.duplicate_eps`"),
+        ("R", "Redis commands per applied event, Redis as broker (inside scripts too)", f"{redis_commands}",
+         source(ops_path, ops) + ", `redis_broker.commands_per_event`"),
+        ("R'", "Redis commands per applied event, RabbitMQ as broker", f"{cache_commands}",
+         "same file, `rabbitmq_broker.commands_per_event`"),
+        ("E", "task events published per applied event (none until Flower turns them on)",
+         f"{events_published}", "same file, `redis_broker.by_command.publish`"),
+        ("S", "PostgreSQL bytes per stored event, indexes included",
+         f"{event_row['bytes_per_row']} (of which {event_row['index_bytes_per_row']} index)",
+         source(storage_path, storage) + ", `tables.webhook_events`"),
+        ("S'", "bytes per recording row / per participant row", f"{recording_row} / {participant_row}",
+         "same file, `tables.voice_recordings`, `tables.participants`"),
+        ("C", "events per call (AT's realistic sequences, 2 participants)", f"{events_per_call:.2f}",
+         "same file, `events` ÷ `calls`"),
+        ("K", "Redis memory per done dedup key (`MEMORY USAGE`)", f"{fmt(key_bytes)} B",
+         "same file, `dedup_key_memory_usage_bytes`"),
+    ]
+    inputs = ["| # | figure | value | source |", "|---|---|---|---|"]
+    inputs += [f"| {'|'.join(f' {cell} ' for cell in row).strip()} |" for row in rows]
+
+    def per_rate(compute: Any) -> list[str]:
+        return [compute(rate) for rate in RATES]
+
+    plan = [
+        ("per-unit figures", [f"web {fmt(web_per_core)} webhooks/s per core (W ÷ {CORES} x {WEB_PLANNED_SHARE}); "
+                              f"worker {fmt(worker_per_process)} new events/s per process "
+                              f"(P ÷ {line['processes']} x {WORKER_PLANNED_SHARE}); "
+                              f"{fmt(bytes_per_event)} B per event in PostgreSQL (S + S'/C + 2 S'/C)"]),
+        (f"web cores (÷ {fmt(web_per_core)})", per_rate(lambda r: str(math.ceil(r / web_per_core)))),
+        (f"worker processes (÷ {fmt(worker_per_process)})", per_rate(lambda r: str(math.ceil(r / worker_per_process)))),
+        (f"Redis commands/s, Redis broker (x {redis_commands})", per_rate(lambda r: fmt(r * redis_commands))),
+        (f"Redis commands/s, RabbitMQ broker (x {cache_commands})", per_rate(lambda r: fmt(r * cache_commands))),
+        ("PostgreSQL write transactions/s", per_rate(lambda r: fmt(r))),
+        (f"broker messages/s (x {messages_per_event:.2f}; x {1 + 2.86:.2f} while Flower watches)",
+         per_rate(lambda r: fmt(r * messages_per_event))),
+        ("events per day", per_rate(lambda r: f"{r * 86400 / 1e6:,.2f} million")),
+        (f"PostgreSQL growth per day (x {fmt(bytes_per_event)} B)",
+         per_rate(lambda r: f"{r * 86400 * bytes_per_event / 1e9:,.1f} GB")),
+        (f"dedup keys in Redis (rate x {DEDUP_TTL_SECONDS} x {fmt(key_bytes)} B)",
+         per_rate(lambda r: f"{r * DEDUP_TTL_SECONDS * key_bytes / 1e9:,.1f} GB")),
+    ]
+    header = "| | " + " | ".join(f"{fmt(rate)} events/s" for rate in RATES) + " |"
+    lines = [header, "|---|" + "---|" * len(RATES)]
+    for label, cells in plan[1:]:
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return ("<!-- capacity:inputs -->\n" + "\n".join(inputs) + "\n<!-- /capacity:inputs -->\n\n"
+            + f"Per unit: {plan[0][1][0]}.\n\n"
+            + "<!-- capacity:plan -->\n" + "\n".join(lines) + "\n<!-- /capacity:plan -->")
+
+
+BLOCK = re.compile(r"<!-- capacity:inputs -->.*<!-- /capacity:plan -->", re.S)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help="put the tables into docs/scaling.md")
+    parser.add_argument("--check", action="store_true", help="exit 1 when docs/scaling.md differs")
+    args = parser.parse_args()
+    generated = tables()
+    if not (args.write or args.check):
+        print(generated)
+        return 0
+    text = DOC.read_text()
+    found = BLOCK.search(text)
+    if found is None:
+        print(f"{DOC.relative_to(ROOT)} has no capacity markers", file=sys.stderr)
+        return 1
+    if args.check:
+        if found.group(0) != generated:
+            print(f"{DOC.relative_to(ROOT)} differs from `python -m bench.capacity`: run it with --write",
+                  file=sys.stderr)
+            return 1
+        return 0
+    DOC.write_text(text[:found.start()] + generated + text[found.end():])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
