@@ -41,9 +41,10 @@ return 0
 # task runs where its message is consumed), a duplicate also acknowledges its message here, and the
 # worker's own acknowledgement then costs no round trip.
 #
-# Keys and Redis Cluster: on RabbitMQ, Redis is only this cache, and it may be a cluster. Then
-# every script and transaction here touches one key, the event's own, so each lands in one hash
-# slot and events spread over the cluster. The pending set (KEYS[2..4], and finish's drop) is
+# Keys and Redis Cluster: on RabbitMQ, Redis is only this cache, and its keys are laid out so that
+# a cluster could hold it (the service has no cluster client yet; tests/test_cluster.py). Every
+# script and transaction here touches one key, the event's own, so each lands in one hash slot
+# and events spread over the cluster. The pending set (KEYS[2..4], and finish's drop) is
 # used only when Redis is the broker, and a broker cannot be a cluster (kombu's transport keeps
 # its queues, unacked hash and their index in several keys it reads together), so there the
 # cache shares one server with the broker. Putting the pending keys and every dedup key under

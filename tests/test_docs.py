@@ -1,0 +1,34 @@
+"""Figures in the docs that a command computes: the page and the command must agree."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import capacity
+from tests.support import ROOT
+
+
+def test_the_capacity_plan_is_what_bench_capacity_prints() -> None:
+    """docs/scaling.md's tables are `python -m bench.capacity`'s output from the newest result
+    files; a new result file or a changed assumption without `--write` fails here."""
+    done = subprocess.run([sys.executable, "-m", "bench.capacity", "--check"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_check_fails_on_a_page_with_one_figure_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    page = capacity.DOC.read_text()
+    changed = page.replace("| web cores", "| web cores (edited)", 1)
+    assert changed != page
+    monkeypatch.setattr(capacity, "DOC", tmp_path / "docs" / "scaling.md")
+    capacity.DOC.parent.mkdir()
+    capacity.DOC.write_text(changed)
+    monkeypatch.setattr(sys, "argv", ["capacity", "--check"])
+    assert capacity.main() == 1
+    monkeypatch.setattr(sys, "argv", ["capacity", "--write"])
+    assert capacity.main() == 0  # --write puts the computed tables back
+    assert capacity.DOC.read_text() == page
