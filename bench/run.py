@@ -219,24 +219,26 @@ def descendants(pid: int) -> list[int]:
 
 def worker_rate(procs: Processes, settings: Settings, batch: list[Event], processes: int,
                 **env: str) -> tuple[float, float]:
-    """Enqueue the batch, then start the Procfile's worker line with ``processes`` worker processes
-    and time it from its first event applied to its last; returns events/s and the highest peak
-    RSS (VmHWM) among every process the line started."""
+    """Enqueue the batch, then start ``processes`` copies of the Procfile's one-process worker line
+    (as ``honcho start -c worker=N`` does) and time them from the first event applied to the last;
+    returns events/s and the highest peak RSS (VmHWM) among every process they started."""
     app = create_app(settings)
     client = redis.Redis.from_url(settings.redis_url)
     with app.app_context():
         for event in batch:
             enqueue(event, utcnow(), None)
     total = client.zcard(PENDING_DUE)
-    line = procs.start("worker", ["bash", "-c", procfile_command("worker")], WORKER_METRICS_PORT="0",
-                       WORKER_CONCURRENCY=str(processes), PATH=f"{BIN}:{os.environ['PATH']}", **env)
+    names = [f"worker.{i}" for i in range(1, processes + 1)]
+    lines = [procs.start(name, ["bash", "-c", procfile_command("worker")], WORKER_METRICS_PORT="0",
+                         HONCHO_PROCESS_NAME=name, PATH=f"{BIN}:{os.environ['PATH']}", **env) for name in names]
     wait_for(lambda: client.zcard(PENDING_DUE) < total, timeout=60, interval=0.005)
     started = time.perf_counter()
     first_left = client.zcard(PENDING_DUE)
     wait_for(lambda: client.zcard(PENDING_DUE) == 0, timeout=600, interval=0.01)
     elapsed = time.perf_counter() - started
-    rss = max((peak_rss_mb(pid) for pid in [line.pid, *descendants(line.pid)]), default=0.0)
-    procs.stop("worker")
+    rss = max((peak_rss_mb(pid) for line in lines for pid in [line.pid, *descendants(line.pid)]), default=0.0)
+    for name in names:
+        procs.stop(name)
     with app.app_context():
         db.engine.dispose()
     return first_left / elapsed, rss
@@ -256,11 +258,12 @@ def measure_processing(procs: Processes, settings: Settings, tiny: bool) -> dict
         step(f"processing: scaling with {count} worker process(es)")
         results[f"scaling_eps_{count}"] = round(
             worker_rate(procs, settings, events(n, f"scale{count}_{time.time_ns()}"), count)[0], 1)
-    # What an operator sees: the Procfile's line as it ships (its WORKER_CONCURRENCY, INFO logs).
+    # What an operator sees: the Procfile's line as it ships, as many as scripts/run.sh starts
+    # (its default WORKER_CONCURRENCY), INFO logs.
     queued = 100 if tiny else 1500
     step(f"processing: the Procfile's worker line as it ships, {queued} new events, then the same again")
     line = events(queued, f"line{time.time_ns()}")
-    processes = int(re.search(r"WORKER_CONCURRENCY:-(\d+)", procfile_command("worker")).group(1))
+    processes = int(re.search(r"WORKER_CONCURRENCY:-(\d+)", (ROOT / "scripts" / "run.sh").read_text()).group(1))
     new_rate, new_rss = worker_rate(procs, settings, line, processes, LOG_LEVEL="INFO")
     dup_rate, dup_rss = worker_rate(procs, settings, line, processes, LOG_LEVEL="INFO")
     results["line"] = {"events": queued, "processes": processes, "new_eps": round(new_rate, 1),

@@ -2,8 +2,18 @@
 # Installs what the service needs into .venv, then runs web, worker, beat and Flower on the
 # embedded defaults: SQLite under instance/, and the Redis at REDIS_URL, started here when none
 # answers there. Ctrl-C stops everything it started.
+#
+# The worker runs as WORKER_CONCURRENCY (default 2) copies of the Procfile's one-process worker
+# line (honcho's -c). honcho replaces none: when any process exits, it stops them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+worker_concurrency=${WORKER_CONCURRENCY:-2}
+case "$worker_concurrency" in
+  [1-9]|[1-5][0-9]|6[0-4]) ;;
+  *) echo "WORKER_CONCURRENCY must be an integer between 1 and 64, got '$worker_concurrency'" >&2; exit 1 ;;
+esac
+
 source scripts/lib.sh
 
 ensure_venv requirements.txt
@@ -61,6 +71,6 @@ echo "migrating the database (the Procfile's release step)"
 flask --app wsgi db upgrade
 
 echo "web: http://127.0.0.1:$PORT  Flower: http://127.0.0.1:$FLOWER_PORT"
-honcho start --no-prefix --port "$PORT" web worker beat flower &
+honcho start --no-prefix --port "$PORT" -c "worker=$worker_concurrency" web worker beat flower &
 children+=($!)
 wait "${children[-1]}"

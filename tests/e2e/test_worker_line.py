@@ -1,11 +1,16 @@
 """The Procfile's worker line as an operator runs it: what each event costs in Redis commands, and
-how its processes are supervised (scripts/worker_processes.py)."""
+how a formation of them starts and stops. The line is one process; what runs several of them and
+replaces a lost one is the process manager's (honcho in development, systemd's template units,
+the platform's formation), never a supervisor of ours."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +19,7 @@ import pytest
 import redis
 
 from app import create_app
+from app.dedup import DEDUP_PREFIX
 from app.events import Event
 from app.extensions import db
 from app.pending import PENDING_DUE
@@ -22,13 +28,18 @@ from app.queues import APPLY_EVENT_TASK
 from app.timeutil import utcnow
 from config import Settings
 from tests.conftest import migrate
-from tests.e2e.test_flower import procfile_command
+from tests.e2e.stack import worker_line
 from tests.support import ROOT, RedisServer, spawn, stop_group, wait_for
 
 pytestmark = pytest.mark.e2e
 
 EVENTS = 150
 IDLE_TRANSACTIONS = 30
+HONCHO = Path(sys.executable).parent / "honcho"
+# honcho sends SIGKILL to what is still running 5 s after its SIGTERM (honcho.manager.KILL_WAIT):
+# a task in flight is given well under that here, and the formation must be gone soon after.
+HELD_AFTER_SIGTERM_SECONDS = 2.0
+FORMATION_STOPS_WITHIN = 15.0
 
 
 @pytest.fixture
@@ -41,6 +52,7 @@ def service(tmp_path: Path) -> Iterator[dict[str, str]]:
            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"), "WORKER_METRICS_PORT": "0",
            "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
     env.pop("CELERY_BROKER_URL", None)
+    env.pop("HONCHO_PROCESS_NAME", None)
     try:
         yield env
     finally:
@@ -60,12 +72,17 @@ def commands(client: redis.Redis) -> dict[str, int]:
             for name, stats in client.info("commandstats").items()}
 
 
+def start_line(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """The Procfile's worker line, as a process manager starts one process of it."""
+    return spawn(worker_line(), log=log, cwd=ROOT, env=env)
+
+
 def drain_with_worker_line(env: dict[str, str], log: Path) -> dict[str, int]:
     """Start the Procfile's worker line (one process), wait until the pending set is empty, stop
     it; returns the Redis commands it sent meanwhile, by name."""
     client = redis.Redis.from_url(env["REDIS_URL"])
     client.config_resetstat()
-    worker = supervisor(env, log, 1)
+    worker = start_line(env, log)
     try:
         wait_for(lambda: client.zcard(PENDING_DUE) == 0, timeout=120, interval=0.1)
         wait_for(lambda: client.hlen("unacked") == 0, timeout=30, interval=0.1)
@@ -107,56 +124,93 @@ def test_each_event_costs_its_round_trips_and_no_task_events(service: dict[str, 
     assert sum('"turned_away": "on arrival"' in line for line in outcomes) == EVENTS
 
 
-def supervisor(env: dict[str, str], log: Path, count: int) -> subprocess.Popen[bytes]:
-    return spawn(["bash", "-c", procfile_command("worker")], log=log, cwd=ROOT,
-                 env={**env, "WORKER_CONCURRENCY": str(count)})
+def ready_nodes(log: Path) -> set[str]:
+    """The node names (before the @) that said they are ready, in honcho's output."""
+    return set(re.findall(r"\"(\S+)@\S+ ready\.\"", log.read_text(errors="replace")))
 
 
-def ready_children(log: Path) -> set[str]:
-    return {line.split("@", 1)[0].rsplit('"', 1)[-1] for line in log.read_text(errors="replace").splitlines()
-            if " ready." in line}
+def stored_events(env: dict[str, str]) -> int:
+    app = create_app(Settings(redis_url=env["REDIS_URL"], database_url=env["DATABASE_URL"]))
+    with app.app_context():
+        count = db.session.execute(db.text("select count(*) from webhook_events")).scalar()
+        db.engine.dispose()
+    return int(count or 0)
 
 
-def children_of(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
-def test_the_line_replaces_a_killed_process_and_stops_as_one(service: dict[str, str], tmp_path: Path) -> None:
-    log = tmp_path / "line.log"
-    line = supervisor(service, log, 2)
+def test_honcho_stops_the_formation_warm_on_sigterm(service: dict[str, str], tmp_path: Path) -> None:
+    """``honcho start -c worker=2 worker`` on the real Procfile: two worker processes, each its own
+    node. SIGTERM to honcho reaches both as Celery's warm shutdown: the one running a task finishes
+    it (its event is stored and marked done) before it exits, both exit 0, and honcho ends with
+    them, with no SIGKILL."""
+    log = tmp_path / "honcho.log"
+    honcho = spawn([str(HONCHO), "start", "-c", "worker=2", "worker"], log=log, cwd=ROOT, env=service)
+    database = sqlite3.connect(service["DATABASE_URL"].removeprefix("sqlite:///"), isolation_level=None, timeout=30)
+    client = redis.Redis.from_url(service["REDIS_URL"])
     try:
-        wait_for(lambda: len(ready_children(log)) == 2, timeout=60, interval=0.2)
-        assert ready_children(log) == {"worker-0", "worker-1"}
-        first = sorted(children_of(line.pid))
-        assert len(first) == 2
-        os.kill(first[0], signal.SIGKILL)  # a worker process lost (out of memory, a crash)
-        wait_for(lambda: len(children_of(line.pid)) == 2 and first[0] not in children_of(line.pid), timeout=30)
-        assert line.poll() is None
-        assert '"worker_process_exited"' in log.read_text()
-        # The replacement consumes too: events queued now are all applied.
-        queue(service, [Event(f"after_{i}", "busy", f"+2547{i:08d}", None, None, {}) for i in range(10)])
-        client = redis.Redis.from_url(service["REDIS_URL"])
-        wait_for(lambda: client.zcard(PENDING_DUE) == 0, timeout=60, interval=0.1)
-        wait_for(lambda: log.read_text().count(" ready.") == 3, timeout=60, interval=0.2)  # the replacement too
-        line.send_signal(signal.SIGTERM)  # to the supervisor alone: it stops every child
-        assert line.wait(timeout=60) == 0
-        assert not [pid for pid in children_of(line.pid) if Path(f"/proc/{pid}").exists()]
+        wait_for(lambda: ready_nodes(log) == {"worker.1", "worker.2"}, timeout=60, interval=0.2)  # a name each
+        # The database's write lock held here: the task that takes the event waits for it.
+        database.execute("BEGIN IMMEDIATE")
+        event = Event("warm_stop", "busy", "+254700000001", None, None, {})
+        queue(service, [event])
+        wait_for(lambda: client.get(DEDUP_PREFIX + event.key), timeout=30, interval=0.05)  # claimed: in flight
+        honcho.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        time.sleep(HELD_AFTER_SIGTERM_SECONDS)
+        assert honcho.poll() is None, log.read_text()[-3000:]  # still waiting for the task in flight
+        assert not client.get(DEDUP_PREFIX + event.key).startswith(b"done:")
+        database.execute("ROLLBACK")  # the task goes on
+        returncode = honcho.wait(timeout=FORMATION_STOPS_WITHIN)
+        took = time.monotonic() - signalled
     finally:
-        stop_group(line)
+        database.close()
+        stop_group(honcho, tree=True)
+    output = log.read_text()
+    assert returncode == 143, output[-3000:]  # honcho's own status after a SIGTERM (128 + 15)
+    assert sorted(re.findall(r"(worker\.\d) stopped \(rc=0\)", output)) == ["worker.1", "worker.2"], output[-3000:]
+    assert "SIGKILL" not in output
+    assert took < FORMATION_STOPS_WITHIN
+    assert client.get(DEDUP_PREFIX + event.key).startswith(b"done:")
+    assert stored_events(service) == 1
+    client.close()
 
 
-def test_the_line_refuses_a_bad_concurrency_and_stops_on_a_child_failing_at_start(service: dict[str, str],
-                                                                                 tmp_path: Path) -> None:
-    done = subprocess.run(["bash", "-c", procfile_command("worker")], cwd=ROOT, capture_output=True, text=True,
-                          env={**service, "WORKER_CONCURRENCY": "two"}, timeout=30)
-    assert done.returncode != 0 and "WORKER_CONCURRENCY must be an integer" in done.stderr
+def test_a_bad_setting_stops_the_worker_at_once(service: dict[str, str], tmp_path: Path) -> None:
+    """A malformed setting ends ``python -m worker`` with a message naming it, not a traceback; under
+    honcho the whole formation stops with it. Nothing starts it again in a loop."""
+    env = {**service, "DEDUP_TTL_SECONDS": "abc"}
     started = time.monotonic()
-    done = subprocess.run(["bash", "-c", procfile_command("worker")], cwd=ROOT, capture_output=True, text=True,
-                          env={**service, "WORKER_CONCURRENCY": "2", "DEDUP_TTL_SECONDS": "-5"}, timeout=60)
-    assert done.returncode != 0, done.stderr[-2000:]  # no restart loop: the configuration error is seen
-    assert "DEDUP_TTL_SECONDS" in done.stderr
-    assert time.monotonic() - started < 50
+    done = subprocess.run(worker_line(), cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode != 0
+    assert "DEDUP_TTL_SECONDS must be an integer, got 'abc'" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert time.monotonic() - started < 30
+
+    log = tmp_path / "honcho.log"
+    started = time.monotonic()
+    honcho = spawn([str(HONCHO), "start", "-c", "worker=2", "worker"], log=log, cwd=ROOT, env=env)
+    try:
+        returncode = honcho.wait(timeout=60)
+    finally:
+        stop_group(honcho, tree=True)
+    output = log.read_text()
+    assert returncode != 0, output
+    assert time.monotonic() - started < 45
+    assert output.count("DEDUP_TTL_SECONDS must be an integer") == 2  # each process once: no restarts
+    assert re.search(r"worker\.\d stopped \(rc=1\)", output), output
+
+
+@pytest.mark.parametrize("value", ["two", "0", "65", "-1", "2.5"])
+def test_the_run_command_refuses_a_bad_worker_concurrency(value: str, tmp_path: Path) -> None:
+    """scripts/run.sh checks WORKER_CONCURRENCY (honcho's ``-c worker=N``) before it starts anything."""
+    log = tmp_path / "run.log"
+    run = spawn(["bash", str(ROOT / "scripts" / "run.sh")], log=log, cwd=ROOT,
+                env={**os.environ, "WORKER_CONCURRENCY": value, "REDIS_URL": "redis://192.0.2.1:6379/0"})
+    try:
+        returncode = run.wait(timeout=30)
+    finally:
+        stop_group(run, tree=True)
+    assert returncode == 1
+    assert log.read_text().strip() == f"WORKER_CONCURRENCY must be an integer between 1 and 64, got '{value}'"
 
 
 def test_a_message_of_an_unexpected_shape_does_not_stop_the_worker(service: dict[str, str], tmp_path: Path) -> None:
@@ -168,13 +222,12 @@ def test_a_message_of_an_unexpected_shape_does_not_stop_the_worker(service: dict
         celery.send_task(APPLY_EVENT_TASK, args=args, queue="voice-webhooks")
     queue(service, [Event("after_odd", "busy", "+254700000001", None, None, {})])
     log = tmp_path / "line.log"
-    line = supervisor(service, log, 1)
+    line = start_line(service, log)
     try:
         client = redis.Redis.from_url(service["REDIS_URL"])
         wait_for(lambda: client.zcard(PENDING_DUE) == 0 and client.llen("voice-webhooks") == 0, timeout=60,
                  interval=0.1)
         assert line.poll() is None
-        assert '"worker_process_exited"' not in log.read_text()
         assert '"session_id": "after_odd"' in log.read_text()  # the valid event after them was applied
     finally:
         stop_group(line)

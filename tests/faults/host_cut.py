@@ -25,7 +25,7 @@ from pathlib import Path
 
 import redis
 
-from tests.e2e.stack import Stack
+from tests.e2e.stack import Stack, start_formation, worker_line
 from tests.faults.scenarios import (
     BACKLOG_SECONDS,
     STALE_CLAIM_RETURNS_WITHIN,
@@ -41,9 +41,10 @@ from tests.faults.scenarios import (
 from tests.faults.sentinel import SteadyStream
 from tests.netns import Host, Hosts
 from tests.redis_ha import Node
-from tests.support import ROOT, PostgresServer, postgres_bin, wait_for
+from tests.support import PostgresServer, postgres_bin, wait_for
 
 CUT_SECONDS = 20.0
+WORKERS_PER_HOST = 2  # each host's formation (honcho's -c worker=2)
 # Both hosts applying before the cut; the stream going on after it until the web has taken this
 # many more events (it never lost Redis).
 WARM_UP_SECONDS = 90
@@ -81,19 +82,19 @@ class ReachablePostgres(PostgresServer):
         return self
 
 
-def start_worker_on(stack: Stack, host: Host, name: str, redis_port: int, pg_port: int) -> subprocess.Popen[bytes]:
-    """The Procfile's worker command, run inside the host's namespace against the machine's servers."""
+def start_worker_on(stack: Stack, host: Host, name: str, redis_port: int,
+                    pg_port: int) -> list[subprocess.Popen[bytes]]:
+    """The host's worker formation: two copies of the Procfile's worker line, as honcho's
+    ``-c worker=2`` runs them, inside the host's namespace against the machine's servers; one
+    process group."""
     env = {**stack.env(),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PROMETHEUS_MULTIPROC_DIR": str(stack.workdir / "metrics" / f"host-{name}"),  # a folder per machine
            "REDIS_URL": f"redis://{host.server_address}:{redis_port}/0",
            "DATABASE_URL": f"postgresql+psycopg://postgres@{host.server_address}:{pg_port}/postgres"}
-    argv = host.command([
-        sys.executable, str(ROOT / "scripts" / "worker_processes.py"), "2",
-        sys.executable, "-m", "worker", "--pool=solo", "--loglevel=INFO",
-        "--queues=voice-webhooks,voice-replays,voice-maintenance",
-        "--without-gossip", "--without-mingle", f"--hostname={name}-{stack.port}@%h",
-    ])
-    log = open(stack.workdir / f"worker-{name}.log", "ab")  # noqa: SIM115 - the process owns it
-    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    argvs = [host.command(worker_line("--without-gossip", "--without-mingle", f"--hostname={name}-{stack.port}-{i}@%h"))
+             for i in range(WORKERS_PER_HOST)]
+    return start_formation(argvs, stack.workdir / f"worker-{name}.log", env)
 
 
 def applied_by(stack: Stack, name: str) -> int:
@@ -107,7 +108,7 @@ def applied_by(stack: Stack, name: str) -> int:
 
 def host_cut_off(workdir: Path, seed: int = 12, cut_seconds: float = CUT_SECONDS) -> Tally:
     events = make_events(sessions=1000, participants=2, per_session=2, seed=seed, prefix="cut")
-    workers: dict[str, subprocess.Popen[bytes]] = {}
+    workers: dict[str, list[subprocess.Popen[bytes]]] = {}
     with Hosts(2) as hosts:
         a, b = hosts.hosts
         node = Node(workdir, "redis", "--bind", "127.0.0.1", a.server_address, b.server_address,
@@ -125,17 +126,18 @@ def host_cut_off(workdir: Path, seed: int = 12, cut_seconds: float = CUT_SECONDS
                            "b": start_worker_on(stack, b, "b", node.port, postgres.port)}
                 return _run(stack, hosts, a, workers, node, cut_seconds, events)
             finally:
-                for process in workers.values():
+                for formation in workers.values():
                     with contextlib.suppress(ProcessLookupError):
-                        os.killpg(process.pid, signal.SIGKILL)
-                    process.wait(timeout=10)
+                        os.killpg(formation[0].pid, signal.SIGKILL)
+                    for process in formation:
+                        process.wait(timeout=10)
                 stack.stop()
         finally:
             postgres.remove()
             node.kill()
 
 
-def _run(stack: Stack, hosts: Hosts, cut_host: Host, workers: dict[str, subprocess.Popen[bytes]], node: Node,
+def _run(stack: Stack, hosts: Hosts, cut_host: Host, workers: dict[str, list[subprocess.Popen[bytes]]], node: Node,
          cut_seconds: float, events: list[dict[str, str]]) -> Tally:
     with SteadyStream(stack, events, pause=0.05) as stream:
         wait_for(lambda: applied_by(stack, "a") >= 20 and applied_by(stack, "b") >= 20, timeout=WARM_UP_SECONDS)
@@ -158,7 +160,7 @@ def _run(stack: Stack, hosts: Hosts, cut_host: Host, workers: dict[str, subproce
     wait_for(lambda: client.llen("voice-webhooks") == 0 and client.zcard("voice:pending:due") == 0,
              timeout=BACKLOG_SECONDS)
     client.close()
-    alive = {name: process.poll() is None for name, process in workers.items()}
+    alive = {name: all(process.poll() is None for process in formation) for name, formation in workers.items()}
     return tally(
         stack, f"a worker host cut off the network for {cut_seconds:g} s", sent,
         answers=dict(Counter(str(p.attempt.status) for p in posted)),
