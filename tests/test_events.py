@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from urllib.parse import urlencode
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from app import events
 from app.errors import InvalidPayload, UnsupportedMediaType
-from app.events import FORM, JSON_TYPE, decode_body, parse_event
+from app.events import FORM, JSON_TYPE, Event, decode_body, parse_event
 
 SEED_COMPLETED = (
     b"sessionId=ATVoice_a1b2c3d4e5f6&phoneNumber=%2B254712345678&recordingUrl=https%3A%2F%2Fvoice.africastalking.com"
@@ -165,3 +169,38 @@ def test_a_repeated_form_field_error_carries_the_session_id() -> None:
     with pytest.raises(InvalidPayload) as caught:  # two session ids: neither is "the" readable one
         decode_body("application/x-www-form-urlencoded", b"sessionId=S1&sessionId=S2")
     assert caught.value.session_id is None
+
+
+# --- one msgspec call over whole structs, or the fields one by one: the same answer -----------
+
+NAMES = ["sessionId", "status", "phoneNumber", "recordingUrl", "duration", "isActive", "direction", "callerNumber",
+         "destinationNumber", "durationInSeconds", "callSessionState", "hangupCause", "dtmfDigits", "amount", "note",
+         "bad name"]
+VALUES = st.one_of(
+    st.sampled_from(["", "S1", "a b", "completed", "busy", "Completed", "Teleported", "+254712345678", "+1234567",
+                     "0", "1", "yes", "420", "0420", "604801", "1e3", "https://voice.example/a.mp3", "ftp://x",
+                     "https://voice.example/\ud800", "Inbound", "Sideways", "USER_BUSY", "a\x00b", "S1\n",
+                     "x" * 2049, "https://" + "a" * 2050]),
+    st.text(max_size=8), st.none(), st.booleans(), st.integers(-1, 700000), st.sampled_from([420.0, 4.5, 1e9]),
+    st.lists(st.integers(), max_size=1),
+)
+
+
+def outcome(parse: Callable[[dict], Event | None], fields: dict) -> tuple | None:
+    try:
+        event = parse(fields)
+    except InvalidPayload as error:
+        return ("refused", error.message)
+    return None if event is None else ("accepted", event, event.unknown_values)
+
+
+@given(st.dictionaries(st.one_of(st.sampled_from(NAMES), st.text(max_size=4)), VALUES, max_size=8))
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+def test_the_one_call_check_and_the_field_by_field_walk_agree(fields: dict) -> None:
+    """parse_event first checks whole structs of the declared types in one msgspec call each
+    (_accepted), and walks the fields in order only when that fails (_parse): a payload that one
+    accepts, the other accepts as the same event; one that the walk refuses, the first never accepts."""
+    walked, quick = outcome(events._parse, fields), outcome(events._accepted, fields)
+    assert quick is None or quick == walked
+    if walked[0] == "accepted":
+        assert quick == walked  # a valid payload never needs the walk
