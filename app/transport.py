@@ -269,20 +269,9 @@ class SentinelChannel(HoldingChannel, kombu_redis.SentinelChannel):
     from_transport_options = kombu_redis.SentinelChannel.from_transport_options + _OPTIONS
 
 
-# A Redis that refuses a command for now (a replica after a failover behind a plain redis://, out
-# of memory under noeviction, a failover in progress) is a lost connection to the worker, not a
-# broken message: Celery then logs the failed acknowledgement and reconnects, where a
-# ResponseError would stop the worker ("Unrecoverable error"). The message stays unacknowledged
-# and comes back after the visibility timeout; its copy is turned away by the dedup key.
-REFUSALS: tuple[type[BaseException], ...] = (redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError,
-                                            redis.exceptions.MasterDownError, redis.exceptions.TryAgainError)
-
-
 class Transport(kombu_redis.Transport):
     Channel = Channel
-    connection_errors = kombu_redis.Transport.connection_errors + REFUSALS
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):
     Channel = SentinelChannel
-    connection_errors = kombu_redis.SentinelTransport.connection_errors + REFUSALS
