@@ -22,7 +22,7 @@ INSTANCE_DIR = Path(__file__).resolve().parent / "instance"
 DEFAULT_DATABASE_URL = f"sqlite:///{INSTANCE_DIR / 'voice.db'}"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 REDIS_BROKER_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
-# Broker URLs the project's transport (app.transport) serves: it writes the pending entry with
+# Broker URLs the project's transport (app.plumbing.transport) serves: it writes the pending entry with
 # the message, and waits for replicas when REDIS_MIN_REPLICAS asks it to.
 HOLDING_BROKER_SCHEMES = ("redis://", "sentinel://")
 SENTINEL_SCHEME = "sentinel://"
@@ -227,7 +227,7 @@ class Settings:
 
     @property
     def broker_transport_holds_pending(self) -> bool:
-        """The project's transport (``app.transport``) serves this broker URL and writes the
+        """The project's transport (``app.plumbing.transport``) serves this broker URL and writes the
         pending entry with the message; other Redis URLs hold it in a round trip of its own. So
         does a broker on another Redis than REDIS_URL's: the worker and the sweeper keep the
         pending set on REDIS_URL's server, where the broker's script cannot write."""

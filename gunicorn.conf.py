@@ -41,14 +41,14 @@ errorlog = "-"
 
 def on_starting(server):
     """Drop metric files left by processes of an earlier run on this host."""
-    from app.metrics import prune_dead_process_files
+    from app.base.metrics import prune_dead_process_files
 
     prune_dead_process_files()
 
 
 def post_fork(server, worker):
     """Each web process reports its own resident memory (voice_process_resident_memory_bytes)."""
-    from app.metrics import track_process_memory
+    from app.base.metrics import track_process_memory
 
     track_process_memory("web")
 

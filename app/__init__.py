@@ -12,11 +12,11 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from app.base.errors import register_errorhandlers
+from app.base.extensions import db
+from app.base.logs import configure_logging
 from app.celery_app import celery_config, celery_init_app
-from app.errors import register_errorhandlers
-from app.extensions import db
-from app.logs import configure_logging
-from app.redis_clients import redis_client
+from app.plumbing.redis_clients import redis_client
 from config import INSTANCE_DIR, ConfigError, Settings
 
 if TYPE_CHECKING:
@@ -140,9 +140,9 @@ def _serialize_sqlite_writes(engine: Engine) -> None:
 
 def register_blueprints(app: Flask) -> None:
     """The webhook, the read API and the operations endpoints."""
-    from app.api import bp as api_bp
-    from app.ops import bp as ops_bp
-    from app.webhook import bp as webhook_bp
+    from app.intake.webhook import bp as webhook_bp
+    from app.operating.ops import bp as ops_bp
+    from app.reading.api import bp as api_bp
 
     app.register_blueprint(webhook_bp)
     app.register_blueprint(api_bp)
@@ -151,7 +151,7 @@ def register_blueprints(app: Flask) -> None:
 
 def register_commands(app: Flask) -> None:
     """``flask voice ...`` (dead letters, replay, sweep, simulate) and ``flask db ...`` (migrations)."""
-    from app.cli import voice
+    from app.operating.cli import voice
 
     app.cli.add_command(voice)
     app.cli.add_command(_LazyDbGroup("db", help="Database migrations (Flask-Migrate, Alembic)."))

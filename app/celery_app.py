@@ -13,11 +13,18 @@ from typing import Any
 import structlog
 from celery import Celery, Task, signals
 from flask import Flask
-from kombu import Exchange, Queue
 
-from app import metrics
-from app.logs import configure_logging
-from app.queues import ALL_QUEUES, DEAD_LETTER_QUEUE, MAINTENANCE_QUEUE, PRUNE_TASK, SWEEP_TASK, WEBHOOK_QUEUE
+from app.base import metrics
+from app.base.logs import configure_logging
+from app.operating import scrape
+from app.plumbing.queues import (
+    MAINTENANCE_QUEUE,
+    PRUNE_TASK,
+    SWEEP_TASK,
+    WEBHOOK_QUEUE,
+    dead_letter_queue,
+    queue_config,
+)
 from config import Settings
 
 # A task runs in milliseconds; the limits only stop one stuck on a hung connection. They sit above
@@ -123,39 +130,9 @@ def broker_transport(settings: Settings) -> str | None:
     """The project's transport wherever it serves the broker URL (else kombu's own by scheme)."""
     if not settings.broker_transport_holds_pending:
         return None
-    return "app.transport:SentinelTransport" if settings.broker_is_sentinel else "app.transport:Transport"
-
-
-# Quorum queues: a message delivered this many times (a worker that dies on it every time, or a
-# broker that keeps refusing its retry) is dead-lettered to DEAD_LETTER_QUEUE, never dropped
-# (RabbitMQ 4 drops it after 20 deliveries unless the queue names a dead-letter exchange).
-DELIVERY_LIMIT = 20
-
-
-def queue_config(settings: Settings) -> dict[str, Any]:
-    """The service's queues. Quorum queues (RabbitMQ, replicated) are bound to topic exchanges, so
-    that a retry's countdown waits in the broker (Celery's native delayed delivery) instead of
-    in a worker holding the message unacknowledged; each has a delivery limit and dead-letters
-    at least once (confirmed by the dead-letter queue before it leaves the source) past it."""
-    if settings.celery_queue_type != "quorum":
-        return {}
-    arguments = {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT,
-                 "x-dead-letter-exchange": DEAD_LETTER_QUEUE, "x-dead-letter-strategy": "at-least-once",
-                 "x-overflow": "reject-publish"}
-    return {
-        "task_queues": [Queue(name, Exchange(name, type="topic"), routing_key=name, queue_arguments=arguments)
-                        for name in ALL_QUEUES],
-        "task_default_queue_type": "quorum",
-        "task_default_exchange_type": "topic",
-        "task_create_missing_queue_type": "quorum",
-        "task_create_missing_queue_exchange_type": "topic",
-    }
-
-
-def dead_letter_queue() -> Queue:
-    """Where quorum queues dead-letter: a quorum queue of its own, behind a fanout exchange."""
-    return Queue(DEAD_LETTER_QUEUE, Exchange(DEAD_LETTER_QUEUE, type="fanout"), routing_key=DEAD_LETTER_QUEUE,
-                 queue_arguments={"x-queue-type": "quorum"})
+    if settings.broker_is_sentinel:
+        return "app.plumbing.transport:SentinelTransport"
+    return "app.plumbing.transport:Transport"
 
 
 def _retention_schedule(settings: Settings) -> dict[str, Any]:
@@ -199,7 +176,7 @@ def celery_init_app(app: Flask) -> Celery:
 
     @signals.worker_ready.connect(weak=False)
     def _metrics_port(**_kwargs: Any) -> None:
-        metrics.serve_worker_metrics(app, settings.worker_metrics_port)
+        scrape.serve_worker_metrics(app, settings.worker_metrics_port)
         metrics.track_process_memory("worker")  # the main process: it fetches and acknowledges
 
     @signals.worker_process_init.connect(weak=False)
@@ -211,10 +188,10 @@ def celery_init_app(app: Flask) -> Celery:
         metrics.forget_process(pid or os.getpid())
 
     celery_app = Celery(app.name, task_cls=FlaskTask)
-    celery_app.flask_app = app  # type: ignore[attr-defined]  # for code that runs outside a task (app.fastpath)
+    celery_app.flask_app = app  # type: ignore[attr-defined]  # for code that runs outside a task (app.applying.fastpath)
     celery_app.config_from_object(app.config["CELERY"])
     celery_app.set_default()
     app.extensions["celery"] = celery_app
-    importlib.import_module("app.tasks")  # registers the shared tasks with this Celery app
+    importlib.import_module("app.applying.tasks")  # registers the shared tasks with this Celery app
 
     return celery_app

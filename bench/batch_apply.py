@@ -26,10 +26,10 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from app import create_app
-from app.domain import apply_event, stage_event
-from app.events import Event
-from app.extensions import db
-from app.timeutil import utcnow
+from app.applying.domain import apply_event, stage_event
+from app.base.extensions import db
+from app.base.timeutil import utcnow
+from app.payload.events import Event
 from bench.run import events, step
 from config import Settings
 from tests.conftest import migrate

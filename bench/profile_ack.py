@@ -121,15 +121,15 @@ def breakdown(app: Any, n: int) -> None:
     """The ack's parts, each timed alone in this process (a profiler inflates call-heavy code)."""
     import structlog
 
-    from app import metrics
-    from app.events import FORM, decode_body, parse_event
-    from app.publish import enqueue
-    from app.timeutil import utcnow
+    from app.base import metrics
+    from app.base.timeutil import utcnow
+    from app.payload.events import FORM, decode_body, parse_event
+    from app.plumbing.publish import enqueue
 
     client, headers = app.test_client(), {"Content-Type": FORM}
     bodies = [body(10**6 + i).encode() for i in range(n * 10)]
     events = [parse_event(decode_body(FORM, raw)) for raw in bodies]
-    celery, log, now = app.extensions["celery"], structlog.get_logger("app.webhook"), utcnow()
+    celery, log, now = app.extensions["celery"], structlog.get_logger("app.intake.webhook"), utcnow()
     parts: list[tuple[str, Callable[[int], object]]] = [
         ("whole request through the test client", lambda i: client.post(URL, data=bodies[i], headers=headers)),
         ("decode and validate the body", lambda i: parse_event(decode_body(FORM, bodies[i]))),

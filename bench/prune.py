@@ -21,8 +21,9 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import create_engine, text
 
-from app import create_app, retention
-from app.extensions import db
+from app import create_app
+from app.applying import retention
+from app.base.extensions import db
 from config import Settings
 from tests.conftest import migrate
 from tests.support import pg_database

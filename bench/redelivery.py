@@ -42,13 +42,13 @@ import redis
 import sqlalchemy as sa
 
 from app import create_app
+from app.base.extensions import db
+from app.base.timeutil import utcnow
 from app.celery_app import UNACKED_RESTORE_INTERVAL, VISIBILITY_TIMEOUT
-from app.events import Event
-from app.extensions import db
-from app.pending import PENDING_DUE
-from app.publish import enqueue
-from app.queues import ALL_QUEUES, WEBHOOK_QUEUE
-from app.timeutil import utcnow
+from app.payload.events import Event
+from app.plumbing.pending import PENDING_DUE
+from app.plumbing.publish import enqueue
+from app.plumbing.queues import ALL_QUEUES, WEBHOOK_QUEUE
 from bench.run import BIN, ROOT, events, step
 from config import Settings
 from tests.conftest import migrate

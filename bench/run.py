@@ -28,12 +28,12 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import redis
 
 from app import create_app
-from app.domain import apply_event
-from app.events import Event
-from app.extensions import db
-from app.pending import PENDING_DUE
-from app.publish import enqueue
-from app.timeutil import utcnow
+from app.applying.domain import apply_event
+from app.base.extensions import db
+from app.base.timeutil import utcnow
+from app.payload.events import Event
+from app.plumbing.pending import PENDING_DUE
+from app.plumbing.publish import enqueue
 from bench.loadgen import open_loop
 from config import Settings
 from tests.conftest import migrate

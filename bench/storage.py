@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.storage [--calls 2000]
 
-Applies realistic Africa's Talking call sequences (``app.simulator.plan``: several callbacks per
+Applies realistic Africa's Talking call sequences (``app.operating.simulator.plan``: several callbacks per
 call, per participant) to a fresh PostgreSQL database on the machine's server, then reads
 ``pg_total_relation_size`` and ``pg_indexes_size`` of each table, and asks a redis-server of its
 own for ``MEMORY USAGE`` of done dedup keys. Nothing is timed: the figures are sizes.
@@ -20,13 +20,13 @@ import redis
 from sqlalchemy import Text, cast, func, select, text
 
 from app import create_app
-from app.dedup import DEDUP_PREFIX, DONE
-from app.domain import apply_event
-from app.events import parse_event
-from app.extensions import db
-from app.models import Participant, VoiceRecording, WebhookEvent
-from app.simulator import plan
-from app.timeutil import stamp
+from app.applying.domain import apply_event
+from app.base.extensions import db
+from app.base.timeutil import stamp
+from app.operating.simulator import plan
+from app.payload.events import parse_event
+from app.plumbing.dedup import DEDUP_PREFIX, DONE
+from app.records.models import Participant, VoiceRecording, WebhookEvent
 from bench.run import write_result
 from config import Settings
 from tests.conftest import migrate

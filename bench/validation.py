@@ -1,7 +1,7 @@
-"""What validating a webhook body costs, and what app.events adds to the worker's memory: two trees
+"""What validating a webhook body costs, and what app.payload.events adds to the worker's memory: two trees
 compared in one run, in alternating turns.
 
-Each turn runs, for each tree, a fresh interpreter that imports that tree's ``app.events`` and
+Each turn runs, for each tree, a fresh interpreter that imports that tree's ``app.payload.events`` and
 times ``parse_event(decode_body(...))`` over a fixed set of realistic bodies (form and JSON,
 Africa's Talking's own callbacks and the plain contract), ``--n`` calls per body, and another fresh
 interpreter that imports what ``python -m worker`` imports and reads its resident memory. The
@@ -11,7 +11,7 @@ machine weighs on both alike. The figures are medians over the turns.
     python -m bench.validation --before /tmp/val-before --after . --turns 9 --n 20000 \\
         --out bench/results/2026-12-02-validation.json
 
-``--before`` is a copy of the tree with the old app/events.py and app/openapi.py put back.
+``--before`` is a copy of the tree with the old app/payload/events.py and app/payload/openapi.py put back.
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ def step(message: str) -> None:
 def child_timing(n: int) -> dict[str, Any]:
     """CPU µs per ``parse_event(decode_body(...))`` call for each body, in this interpreter (the
     median of five runs of ``n / 5`` calls, after a warm-up)."""
-    import app.events
-    from app.errors import InvalidPayload
-    from app.events import decode_body, parse_event
+    import app.payload.events
+    from app.base.errors import InvalidPayload
+    from app.payload.events import decode_body, parse_event
 
     def accept(mimetype: str, body: bytes) -> None:
         parse_event(decode_body(mimetype, body))
@@ -98,7 +98,7 @@ def child_timing(n: int) -> dict[str, Any]:
                     call(mimetype, body)
                 runs.append((time.process_time() - started) / (n // 5) * 1e6)
             figures[name] = statistics.median(runs)
-    return {"events_module": app.events.__file__, "us": figures}
+    return {"events_module": app.payload.events.__file__, "us": figures}
 
 
 def child_memory() -> dict[str, Any]:

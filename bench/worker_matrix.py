@@ -28,10 +28,10 @@ from typing import Any
 import redis
 
 from app import create_app
-from app.extensions import db
-from app.pending import PENDING_DUE
-from app.publish import enqueue
-from app.timeutil import utcnow
+from app.base.extensions import db
+from app.base.timeutil import utcnow
+from app.plumbing.pending import PENDING_DUE
+from app.plumbing.publish import enqueue
 from bench.run import Processes, children, events, peak_rss_mb, plain_loop_rate, step
 from config import Settings
 from tests.conftest import migrate

@@ -33,10 +33,10 @@ from typing import Any
 import redis
 
 from app import create_app
-from app.extensions import db
-from app.pending import PENDING_DUE
-from app.publish import enqueue
-from app.timeutil import utcnow
+from app.base.extensions import db
+from app.base.timeutil import utcnow
+from app.plumbing.pending import PENDING_DUE
+from app.plumbing.publish import enqueue
 from bench.run import events
 from config import Settings
 from tests.conftest import migrate

@@ -7,7 +7,7 @@ from flask import current_app
 # access to the values within the .ini file in use.
 config = context.config
 
-# Logging is the service's own (app.logs); the ini file's logging sections are not applied.
+# Logging is the service's own (app.base.logs); the ini file's logging sections are not applied.
 logger = logging.getLogger('alembic.env')
 
 

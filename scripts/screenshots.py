@@ -25,7 +25,7 @@ from urllib.parse import urlencode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.simulator import simulate  # noqa: E402
+from app.operating.simulator import simulate  # noqa: E402
 from tests.e2e.prometheus import Prometheus  # noqa: E402
 from tests.e2e.stack import Stack  # noqa: E402
 

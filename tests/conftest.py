@@ -13,8 +13,8 @@ from flask_migrate import upgrade
 from sqlalchemy import delete
 
 from app import create_app
-from app.extensions import db
-from app.models import DeadLetter, HookOutbox, Participant, VoiceRecording, WebhookEvent
+from app.base.extensions import db
+from app.records.models import DeadLetter, HookOutbox, Participant, VoiceRecording, WebhookEvent
 from config import Settings, key_digest
 from tests.support import RedisServer, adopt_orphans, leftovers, pg_database
 

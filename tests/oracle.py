@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from app.events import Event
+from app.payload.events import Event
 
 
 def identity(event: Event) -> str:

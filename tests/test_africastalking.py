@@ -12,12 +12,12 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app import metrics
-from app.africastalking import DECISIVE_CAUSES, OTHER_CAUSES
-from app.errors import InvalidPayload
-from app.events import FORM, decode_body, parse_event
-from app.pending import PENDING_DATA
-from app.simulator import plan
+from app.base import metrics
+from app.base.errors import InvalidPayload
+from app.operating.simulator import plan
+from app.payload.africastalking import DECISIVE_CAUSES, OTHER_CAUSES
+from app.payload.events import FORM, decode_body, parse_event
+from app.plumbing.pending import PENDING_DATA
 from config import DEFAULT_ACTIVE_CALL_XML, Settings
 
 FIXTURES = Path(__file__).parent / "fixtures" / "africastalking"

@@ -8,7 +8,9 @@ import subprocess
 
 import pytest
 
-from app import hooks, metrics
+from app.applying import hooks
+from app.base import metrics
+from app.operating import scrape
 from tests.support import ROOT
 
 RULES = ROOT / "deploy" / "prometheus" / "voice-rules.yml"
@@ -39,7 +41,7 @@ def test_promtool_unit_tests_pass() -> None:
 
 def exported_names() -> set[str]:
     """Every sample name the service's processes serve, as prometheus_client writes them."""
-    names = {metrics.SOURCE_UP, *(name for name, *_ in metrics.STATE_GAUGES)}
+    names = {scrape.SOURCE_UP, *(name for name, *_ in scrape.STATE_GAUGES)}
     for gauge in (metrics.SWEEP_LAST_RUN, metrics.SWEEP_INTERVAL):
         names.update(family.name for family in gauge.collect())
     for metric in (metrics.WEBHOOKS, metrics.ACK_SECONDS, metrics.EVENTS, metrics.EVENT_LAG, metrics.UNKNOWN_AT_VALUES,

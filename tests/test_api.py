@@ -11,9 +11,9 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app.domain import apply_event
-from app.events import Event
-from app.extensions import db
+from app.applying.domain import apply_event
+from app.base.extensions import db
+from app.payload.events import Event
 from config import Settings
 from tests.support import sqlite_only
 

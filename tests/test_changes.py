@@ -17,9 +17,9 @@ from flask.testing import FlaskClient
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from app.domain import apply_event
-from app.events import Event
-from app.extensions import db
+from app.applying.domain import apply_event
+from app.base.extensions import db
+from app.payload.events import Event
 from config import Settings
 from tests.conftest import API_KEY
 from tests.support import PG_ADMIN_DSN, wait_for

@@ -21,12 +21,12 @@ import redis
 from flask import Flask
 from sqlalchemy import func, select
 
-from app import dedup
-from app.domain import APPLIED, DUPLICATE
-from app.envelope import Envelope
-from app.events import Event
-from app.extensions import db
-from app.models import WebhookEvent
+from app.applying.domain import APPLIED, DUPLICATE
+from app.base.extensions import db
+from app.payload.envelope import Envelope
+from app.payload.events import Event
+from app.plumbing import dedup
+from app.records.models import WebhookEvent
 from config import Settings
 from tests.redis_ha import Node
 from tests.support import free_port, wait_for
@@ -178,7 +178,7 @@ def test_every_dedup_operation_keeps_its_keys_in_one_slot(cache_app: Flask, clus
 
 
 def test_the_worker_applies_once_with_the_cache_on_a_cluster(cache_app: Flask) -> None:
-    from app.delivery import deliver
+    from app.applying.delivery import deliver
 
     with cache_app.app_context():
         assert deliver(envelope(1), owner="task-1") == APPLIED

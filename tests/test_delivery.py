@@ -16,20 +16,22 @@ from flask import Flask
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from app import create_app, delivery, pending
-from app.deadletters import DEAD_LETTER_LIST, dead_letter, replay
-from app.deadletters import drain_redis as drain_redis_dead_letters
-from app.dedup import DEDUP_PREFIX, ClaimBusy
-from app.delivery import deliver
-from app.domain import APPLIED, DUPLICATE
-from app.envelope import Envelope
-from app.events import Event
-from app.extensions import db
-from app.models import DeadLetter, VoiceRecording, WebhookEvent
-from app.pending import PENDING_DATA, PENDING_DUE
-from app.publish import enqueue
-from app.publish import resend_due as sweep_pending
-from app.queues import REPLAY_QUEUE, WEBHOOK_QUEUE
+from app import create_app
+from app.applying import delivery
+from app.applying.deadletters import DEAD_LETTER_LIST, dead_letter, replay
+from app.applying.deadletters import drain_redis as drain_redis_dead_letters
+from app.applying.delivery import deliver
+from app.applying.domain import APPLIED, DUPLICATE
+from app.base.extensions import db
+from app.payload.envelope import Envelope
+from app.payload.events import Event
+from app.plumbing import pending
+from app.plumbing.dedup import DEDUP_PREFIX, ClaimBusy
+from app.plumbing.pending import PENDING_DATA, PENDING_DUE
+from app.plumbing.publish import enqueue
+from app.plumbing.publish import resend_due as sweep_pending
+from app.plumbing.queues import REPLAY_QUEUE, WEBHOOK_QUEUE
+from app.records.models import DeadLetter, VoiceRecording, WebhookEvent
 from config import Settings
 from tests.support import free_port, sqlite_only
 

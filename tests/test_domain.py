@@ -13,10 +13,10 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
-from app.domain import APPLIED, DUPLICATE, NO_EFFECT, apply_event, stage_event
-from app.events import Event
-from app.extensions import db
-from app.models import Participant, VoiceRecording, WebhookEvent
+from app.applying.domain import APPLIED, DUPLICATE, NO_EFFECT, apply_event, stage_event
+from app.base.extensions import db
+from app.payload.events import Event
+from app.records.models import Participant, VoiceRecording, WebhookEvent
 from tests.support import wait_for
 
 T0 = datetime(2026, 3, 6, 14, 0, tzinfo=UTC)

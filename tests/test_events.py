@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app import events
-from app.errors import InvalidPayload, UnsupportedMediaType
-from app.events import FORM, JSON_TYPE, Event, decode_body, parse_event
+from app.base.errors import InvalidPayload, UnsupportedMediaType
+from app.payload import events
+from app.payload.events import FORM, JSON_TYPE, Event, decode_body, parse_event
 
 SEED_COMPLETED = (
     b"sessionId=ATVoice_a1b2c3d4e5f6&phoneNumber=%2B254712345678&recordingUrl=https%3A%2F%2Fvoice.africastalking.com"

@@ -18,11 +18,11 @@ from flask import Flask
 from kombu import Connection
 from sqlalchemy import select
 
-from app import hooks
-from app.domain import apply_event
-from app.events import Event
-from app.extensions import db
-from app.models import HookOutbox, VoiceRecording
+from app.applying import hooks
+from app.applying.domain import apply_event
+from app.base.extensions import db
+from app.payload.events import Event
+from app.records.models import HookOutbox, VoiceRecording
 from config import Settings
 from tests.conftest import API_KEY
 from tests.support import RedisServer, rabbitmq_vhost, wait_for

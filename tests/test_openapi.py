@@ -8,9 +8,9 @@ from typing import Any
 import jsonschema_rs
 import pytest
 
-from app.errors import InvalidPayload
-from app.events import parse_event
-from app.openapi import openapi_document
+from app.base.errors import InvalidPayload
+from app.payload.events import parse_event
+from app.payload.openapi import openapi_document
 
 URL_2048 = "https://voice.example/" + "a" * (2048 - len("https://voice.example/"))
 

@@ -1,4 +1,4 @@
-"""``app.pending.postpone`` on a real Redis: a worker that holds an event (or will retry it) moves
+"""``app.plumbing.pending.postpone`` on a real Redis: a worker that holds an event (or will retry it) moves
 its pending entry's due time, so the sweeper leaves it alone till then; an event the pending set
 does not hold is not added by it; on RabbitMQ, where there is no pending set, it does nothing."""
 
@@ -12,9 +12,9 @@ import pytest
 import redis
 from flask import Flask
 
-from app import pending
-from app.envelope import Envelope
-from app.events import Event
+from app.payload.envelope import Envelope
+from app.payload.events import Event
+from app.plumbing import pending
 from config import Settings
 from tests.support import RedisServer, rabbitmq_vhost, sent_to_redis, sqlite_only
 

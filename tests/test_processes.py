@@ -12,10 +12,10 @@ from pathlib import Path
 
 from flask import Flask
 
+from app.applying.tasks import BACKOFF_MAX_SECONDS
 from app.celery_app import TASK_TIME_LIMIT, VISIBILITY_TIMEOUT
-from app.dedup import CLAIM_TTL_SECONDS
-from app.queues import ALL_QUEUES
-from app.tasks import BACKOFF_MAX_SECONDS
+from app.plumbing.dedup import CLAIM_TTL_SECONDS
+from app.plumbing.queues import ALL_QUEUES
 from tests.support import ROOT, RedisServer, spawn, sqlite_only, stop_group, wait_for
 
 
@@ -69,8 +69,8 @@ def test_the_beat_line_starts_on_a_fresh_checkout(tmp_path: Path, redis_server: 
 
 @sqlite_only
 def test_each_sweep_records_when_it_ran(app: Flask) -> None:
-    from app import metrics
-    from app.tasks import sweep_pending_task
+    from app.applying.tasks import sweep_pending_task
+    from app.base import metrics
 
     before = time.time()
     with app.app_context():

@@ -12,13 +12,13 @@ import redis
 from flask import Flask
 from sqlalchemy import func, select
 
-from app.domain import APPLIED, DUPLICATE
-from app.envelope import Envelope
-from app.events import Event
-from app.extensions import db
-from app.models import WebhookEvent
-from app.pending import PENDING_DATA, PENDING_DUE
-from app.queues import WEBHOOK_QUEUE
+from app.applying.domain import APPLIED, DUPLICATE
+from app.base.extensions import db
+from app.payload.envelope import Envelope
+from app.payload.events import Event
+from app.plumbing.pending import PENDING_DATA, PENDING_DUE
+from app.plumbing.queues import WEBHOOK_QUEUE
+from app.records.models import WebhookEvent
 from config import Settings
 from tests.support import free_port, rabbitmq_vhost, sent_to_redis
 
@@ -121,7 +121,7 @@ def envelope(seconds: int) -> Envelope:
                          indirect=True)
 def test_on_rabbitmq_the_worker_applies_once_without_redis(make_app, settings: Settings, amqp_url: str) -> None:
     """The dedup cache unreachable: the database fingerprint turns the second copy away."""
-    from app.delivery import deliver
+    from app.applying.delivery import deliver
 
     nowhere = f"redis://127.0.0.1:{free_port()}/0"
     app = make_app(dataclasses.replace(settings, celery_broker_url=amqp_url, redis_url=nowhere))
@@ -132,7 +132,7 @@ def test_on_rabbitmq_the_worker_applies_once_without_redis(make_app, settings: S
 
 
 def test_on_the_redis_broker_the_worker_waits_for_redis(make_app, settings: Settings) -> None:
-    from app.delivery import deliver
+    from app.applying.delivery import deliver
 
     nowhere = f"redis://127.0.0.1:{free_port()}/0"
     app = make_app(dataclasses.replace(settings, redis_url=nowhere))

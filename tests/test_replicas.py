@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from app.pending import PENDING_DATA
-from app.queues import WEBHOOK_QUEUE
+from app.plumbing.pending import PENDING_DATA
+from app.plumbing.queues import WEBHOOK_QUEUE
 from config import ConfigError, Settings
 from tests.redis_ha import MASTER_NAME, ReplicatedRedis, SentinelGroup
 from tests.support import sent_to_redis
@@ -119,7 +119,7 @@ def test_the_service_writes_to_the_master_the_sentinels_name(make_app: Callable[
                                                              settings: Settings, tmp_path: Path) -> None:
     with SentinelGroup(tmp_path, replicas=1, sentinels=1) as group:
         app = make_app(dataclasses.replace(settings, redis_url=group.url, redis_sentinel_master=MASTER_NAME))
-        assert app.config["CELERY"]["broker_transport"] == "app.transport:SentinelTransport"
+        assert app.config["CELERY"]["broker_transport"] == "app.plumbing.transport:SentinelTransport"
         client = app.test_client()
         assert client.post(URL, data=webhook(1)).status_code == 200
         assert client.get("/readyz").status_code == 200

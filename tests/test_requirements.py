@@ -42,7 +42,8 @@ def test_every_runtime_dependency_is_pinned() -> None:
 # What the Procfile's processes import: web, worker and beat (with the Redis transport), flower,
 # the CLI and the run command's process manager.
 PROCESS_MODULES = [
-    "wsgi", "worker", "worker.__main__", "app.transport", "app.cli", "app.simulator", "kombu.transport.redis",
+    "wsgi", "worker", "worker.__main__", "app.plumbing.transport", "app.operating.cli", "app.operating.simulator",
+    "kombu.transport.redis",
     "celery.apps.worker", "celery.apps.beat", "flower.command", "gunicorn.app.wsgiapp", "gunicorn.workers.gthread",
     "honcho.command", "psycopg", "flask_migrate.cli",
 ]

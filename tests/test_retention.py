@@ -10,12 +10,12 @@ import pytest
 from flask import Flask
 from sqlalchemy import func, select
 
-from app import retention
+from app.applying import retention
+from app.applying.domain import apply_event
+from app.base.extensions import db
 from app.celery_app import celery_config
-from app.domain import apply_event
-from app.events import Event
-from app.extensions import db
-from app.models import Participant, VoiceRecording, WebhookEvent
+from app.payload.events import Event
+from app.records.models import Participant, VoiceRecording, WebhookEvent
 from config import ConfigError, Settings
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -117,7 +117,7 @@ def test_the_setting_is_the_default_window(make_app: Any, settings: Settings) ->
 
 
 def test_the_periodic_task_prunes_by_the_setting(make_app: Any, settings: Settings) -> None:
-    from app.tasks import prune_events_task
+    from app.applying.tasks import prune_events_task
 
     app = make_app(replace(settings, event_retention_days=0))
     seed(app, [1, 100, 200])

@@ -1,5 +1,5 @@
 """A duplicate that arrived earlier than the stored copy (the copy AT sent first, applied second)
-re-times its event, and the recording is derived afresh (app.domain.stage_event): when that
+re-times its event, and the recording is derived afresh (app.applying.domain.stage_event): when that
 changes what a client sees, the change is announced like any other change, in the same
 transaction: the recording moves to the change feed's end, and the ready hook is queued when its
 URL changed. A re-timing that changes nothing visible announces nothing."""
@@ -14,10 +14,10 @@ import pytest
 from flask import Flask
 from sqlalchemy import select
 
-from app.domain import DUPLICATE, apply_event
-from app.events import Event
-from app.extensions import db
-from app.models import HookOutbox, VoiceRecording, WebhookEvent
+from app.applying.domain import DUPLICATE, apply_event
+from app.base.extensions import db
+from app.payload.events import Event
+from app.records.models import HookOutbox, VoiceRecording, WebhookEvent
 from config import Settings
 from tests.conftest import API_KEY
 from tests.test_changes import Consumer

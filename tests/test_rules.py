@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from app.domain import apply_event, merge
-from app.events import Event
-from app.extensions import db
-from app.models import VoiceRecording
-from app.timeutil import order_key
+from app.applying.domain import apply_event, merge
+from app.base.extensions import db
+from app.base.timeutil import order_key
+from app.payload.events import Event
+from app.records.models import VoiceRecording
 from tests.oracle import arrival_order_state
 
 T0 = datetime(2026, 3, 6, 14, 0, tzinfo=UTC)

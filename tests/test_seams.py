@@ -45,18 +45,19 @@ from kombu.transport import native_delayed_delivery, virtual
 from kombu.transport import redis as kombu_redis
 from kombu.utils.uuid import uuid
 
-from app import dedup, fastpath, transport
+from app.applying import fastpath
+from app.base.timeutil import parse_rfc3339, stamp
 from app.celery_app import UNACKED_RESTORE_INTERVAL, VISIBILITY_TIMEOUT, celery_config
-from app.envelope import Envelope
-from app.events import Event
-from app.publish import send
-from app.queues import APPLY_EVENT_TASK, WEBHOOK_QUEUE
-from app.timeutil import parse_rfc3339, stamp
-from app.transport import HOLD_HEADER
+from app.payload.envelope import Envelope
+from app.payload.events import Event
+from app.plumbing import dedup, transport
+from app.plumbing.publish import send
+from app.plumbing.queues import APPLY_EVENT_TASK, WEBHOOK_QUEUE
+from app.plumbing.transport import HOLD_HEADER
 from config import Settings
 from tests.support import ROOT, RedisServer
 
-PROJECT_TRANSPORT = "app.transport:Transport"
+PROJECT_TRANSPORT = "app.plumbing.transport:Transport"
 KOMBU_TRANSPORT = "redis"  # kombu's own Redis transport, for what kombu itself writes and reads
 QUEUE = "seam-queue"
 PROBE = "seam:probe"
@@ -87,8 +88,8 @@ class SeamEnv:
 
 @pytest.fixture
 def env(redis_server: RedisServer, sqlite_url: str, make_app: Any, tmp_path: Path) -> Iterator[SeamEnv]:
-    """Checks register deliveries in app.transport's per-process bookkeeping and claims in
-    app.fastpath's; both are put back as they were, so no other test sees them."""
+    """Checks register deliveries in app.plumbing.transport's per-process bookkeeping and claims in
+    app.applying.fastpath's; both are put back as they were, so no other test sees them."""
     app = make_app(Settings(database_url=sqlite_url, redis_url=redis_server.url, log_format="console"))
     acks = transport._Acks
     saved = (acks.pid, acks.thread, acks.keys, dict(acks.tags), dict(acks.ids), dict(acks.riders),
@@ -217,7 +218,7 @@ def send_event(seams: SeamEnv, envelope: Envelope) -> None:
 
 
 def mark_applied(seams: SeamEnv, envelope: Envelope) -> None:
-    """The event's dedup key as app.dedup.finish leaves it: applied, so its copies are duplicates."""
+    """The event's dedup key as app.plumbing.dedup.finish leaves it: applied, so its copies are duplicates."""
     seams.client.set(dedup.DEDUP_PREFIX + envelope.key, f"{dedup.DONE}:{stamp(parse_rfc3339(envelope.received_at))}")
 
 
@@ -240,12 +241,13 @@ def celery_consumer(seams: SeamEnv, requests: list[Any], **options: Any) -> Cele
 def check_kombu_redis_unacked_keys(seams: SeamEnv) -> None:
     """kombu records a message it hands out, until acknowledged, as field <delivery tag> of the hash
     QoS.unacked_key and member <delivery tag> of the sorted set QoS.unacked_index_key, and nowhere
-    else; app.transport.current_delivery hands those key names to app/dedup.py's claim script."""
+    else; app.plumbing.transport.current_delivery hands those key names to app/plumbing/dedup.py's claim script."""
     conn = seams.connection()
     publish(conn, QUEUE, "seam-task")
     message = take_one(conn, QUEUE)
     delivery = transport.current_delivery("seam-task")
-    assert delivery is not None, "QoS.append did not register the message by task id (app.transport.QoS not used)"
+    assert delivery is not None, ("QoS.append did not register the message by task id "
+                                  "(app.plumbing.transport.QoS not used)")
     assert delivery.tag == message.delivery_tag, f"recorded tag {delivery.tag!r}, message tag {message.delivery_tag!r}"
     hash_key, index_key = delivery.unacked_keys
     raw = seams.client.hget(hash_key, delivery.tag)
@@ -272,7 +274,7 @@ def _unacked_per_queue(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
 
 @seam("dedup_claim_acknowledges_by_delivery_tag")
 def check_dedup_claim_acknowledges_by_delivery_tag(seams: SeamEnv) -> None:
-    """HDEL of the delivery tag from kombu's unacked hash and ZREM from its index, as app/dedup.py's
+    """HDEL of the delivery tag from kombu's unacked hash and ZREM from its index, as app/plumbing/dedup.py's
     claim script does for a duplicate, acknowledge the message: kombu keeps no other record of it
     and does not deliver it again."""
     envelope = event_envelope("SEAM-DUPLICATE")
@@ -303,7 +305,7 @@ def _unacked_also_indexed_elsewhere(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> 
 @seam("kombu_redis_qos_remove_from_indices")
 def check_kombu_redis_qos_remove_from_indices(seams: SeamEnv) -> None:
     """QoS._remove_from_indices(tag) returns a MULTI/EXEC pipeline, not yet executed, that removes
-    the tag from the unacked hash and index: app.transport.QoS.ack adds a task's own writes (the
+    the tag from the unacked hash and index: app.plumbing.transport.QoS.ack adds a task's own writes (the
     done mark, the pending drop) to it, so both go in one round trip."""
     message = take_one(_published(seams), QUEUE)
     tag = message.delivery_tag
@@ -335,7 +337,7 @@ def _remove_at_once(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
 @seam("kombu_redis_qos_pipe_or_acquire")
 def check_kombu_redis_qos_pipe_or_acquire(seams: SeamEnv) -> None:
     """QoS.pipe_or_acquire() is a context manager yielding a MULTI/EXEC pipeline on the broker's
-    Redis: app.transport.QoS.reject writes what a task added to its rejected message's ack there."""
+    Redis: app.plumbing.transport.QoS.reject writes what a task added to its rejected message's ack there."""
     qos = seams.connection().default_channel.qos
     with qos.pipe_or_acquire() as pipe:
         assert isinstance(pipe, redis.client.Pipeline), f"it yielded a {type(pipe).__name__}, not a pipeline"
@@ -358,7 +360,7 @@ def _pipe_or_acquire_yields_client(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> N
 @seam("kombu_redis_qos_ack")
 def check_kombu_redis_qos_ack(seams: SeamEnv) -> None:
     """kombu's Redis QoS.ack does, in Redis, nothing but remove the tag from the unacked hash and
-    index, then calls virtual.QoS.ack: app.transport.QoS.ack replaces it with exactly that (plus a
+    index, then calls virtual.QoS.ack: app.plumbing.transport.QoS.ack replaces it with exactly that (plus a
     task's rider), skipping the round trip when the task's claim script already acknowledged."""
     assert kombu_redis.QoS.__mro__[1] is virtual.QoS, f"kombu's Redis QoS now derives from {kombu_redis.QoS.__mro__[1]}"
     message = take_one(_published(seams), QUEUE)
@@ -374,7 +376,7 @@ def check_kombu_redis_qos_ack(seams: SeamEnv) -> None:
             expected[key] = rest
     changed = sorted(key for key in set(before) | set(after) if before.get(key) != after.get(key))
     assert after == expected, (f"kombu's own ack changed {changed}, beyond removing the tag from {qos.unacked_key!r} "
-                               f"and {qos.unacked_index_key!r}: app.transport.QoS.ack does only that")
+                               f"and {qos.unacked_index_key!r}: app.plumbing.transport.QoS.ack does only that")
 
 
 def _ack_counts_too(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
@@ -387,9 +389,9 @@ def _ack_counts_too(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
 
 @seam("kombu_redis_channel_qos_class")
 def check_kombu_redis_channel_qos_class(seams: SeamEnv) -> None:
-    """A channel's QoS is an instance of its class's ``QoS`` attribute (app.transport.QoS), and kombu
+    """A channel's QoS is an instance of its class's ``QoS`` attribute (app.plumbing.transport.QoS), and kombu
     routes a message's ack and reject through QoS.ack and QoS.reject, where what a task registered
-    with ride_on_ack (app.dedup.finish's done mark) is written with the acknowledgement."""
+    with ride_on_ack (app.plumbing.dedup.finish's done mark) is written with the acknowledgement."""
     conn = seams.connection()
     publish(conn, QUEUE, "seam-acked")
     publish(conn, QUEUE, "seam-rejected")
@@ -399,11 +401,12 @@ def check_kombu_redis_channel_qos_class(seams: SeamEnv) -> None:
     assert type(acked.channel.qos) is transport.QoS, f"the channel's QoS is {type(acked.channel.qos)}"
     assert transport.ride_on_ack("seam-acked", lambda pipe: pipe.set(PROBE, "acked"))
     acked.ack()
-    assert seams.client.get(PROBE) == b"acked", "message.ack() did not reach app.transport.QoS.ack: the rider never ran"
+    assert seams.client.get(PROBE) == b"acked", ("message.ack() did not reach app.plumbing.transport.QoS.ack: "
+                                                 "the rider never ran")
     assert holders_of(seams.client, acked.delivery_tag) == [], "the acknowledged message is still recorded"
     assert transport.ride_on_ack("seam-rejected", lambda pipe: pipe.set(PROBE, "rejected"))
     rejected.reject(requeue=False)
-    assert seams.client.get(PROBE) == b"rejected", "message.reject() did not reach app.transport.QoS.reject"
+    assert seams.client.get(PROBE) == b"rejected", "message.reject() did not reach app.plumbing.transport.QoS.reject"
 
 
 def _basic_ack_past_the_override(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
@@ -416,13 +419,13 @@ def _basic_ack_past_the_override(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> Non
 @seam("kombu_redis_qos_restore_unacked")
 def check_kombu_redis_qos_restore_unacked(seams: SeamEnv) -> None:
     """Closing a channel calls QoS.restore_unacked, which puts its unacknowledged messages back in
-    their queues: app.transport.QoS.restore_unacked also forgets the connection's deliveries there,
+    their queues: app.plumbing.transport.QoS.restore_unacked also forgets the connection's deliveries there,
     so no task rides its writes on an acknowledgement that can no longer happen."""
     message = take_one(_published(seams), QUEUE)
     assert transport.current_delivery("seam-task") is not None, "the delivery was not registered"
     message.channel.close()
     assert transport.current_delivery("seam-task") is None, (
-        "closing the channel did not call QoS.restore_unacked: app.transport still holds the delivery")
+        "closing the channel did not call QoS.restore_unacked: app.plumbing.transport still holds the delivery")
     assert seams.client.llen(QUEUE) == 1, "the unacknowledged message was not put back in its queue"
     assert holders_of(seams.client, message.delivery_tag) == [], "the restored message is still recorded as unacked"
 
@@ -443,11 +446,11 @@ def _restore_without_restore_unacked(mp: pytest.MonkeyPatch, _seams: SeamEnv) ->
 @seam("kombu_redis_channel_put")
 def check_kombu_redis_channel_put(seams: SeamEnv) -> None:
     """kombu writes every published message through Channel._put(queue, message, **kwargs), which
-    app.transport overrides to write a held message and its pending entry in one script."""
+    app.plumbing.transport overrides to write a held message and its pending entry in one script."""
     conn = seams.connection()
     publish(conn, QUEUE, "seam-held", held=True)
     assert seams.client.hget(HELD_HASH, "seam-held") == b"held", (
-        "the pending entry was not written: the publish did not go through app.transport's _put")
+        "the pending entry was not written: the publish did not go through app.plumbing.transport's _put")
     assert seams.client.zscore(HELD_ZSET, "seam-held") == 1.0, "the pending entry's due time was not written"
     queued = [json.loads(raw) for raw in seams.client.lrange(QUEUE, 0, -1)]
     assert [m["headers"]["id"] for m in queued] == ["seam-held"], f"queued: {queued}"
@@ -469,7 +472,7 @@ def _publish_past_put(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
 
 @seam("kombu_redis_channel_expires")
 def check_kombu_redis_channel_expires(seams: SeamEnv) -> None:
-    """Channel._expires maps each queue declared with x-expires to its TTL: app.transport's held
+    """Channel._expires maps each queue declared with x-expires to its TTL: app.plumbing.transport's held
     write (one script, no PEXPIRE) refuses those queues rather than leave their keys without a TTL."""
     conn = seams.connection()
     channel = conn.default_channel
@@ -525,7 +528,7 @@ def _prefixed_queue_keys(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
 @seam("kombu_redis_channel_get_message_priority")
 def check_kombu_redis_channel_get_message_priority(seams: SeamEnv) -> None:
     """Channel._get_message_priority(message, reverse=False) reads properties.priority (0 when
-    absent), as kombu's _put does: app.transport's held write picks its list with it."""
+    absent), as kombu's _put does: app.plumbing.transport's held write picks its list with it."""
     channel = seams.connection().default_channel
     assert channel._get_message_priority({"properties": {"priority": 6}}, reverse=False) == 6
     assert channel._get_message_priority({"properties": {}}, reverse=False) == 0
@@ -572,7 +575,7 @@ def _consumer_reads_base_key_only(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> No
 
 @seam("kombu_redis_channel_create_client")
 def check_kombu_redis_channel_create_client(seams: SeamEnv) -> None:
-    """kombu gets every client from Channel._create_client(asynchronous=...): app.transport keeps one
+    """kombu gets every client from Channel._create_client(asynchronous=...): app.plumbing.transport keeps one
     synchronous client per channel there (building a redis.Redis per publish cost as much as the
     LPUSH), and leaves the consumer's (BRPOP) client to kombu."""
     channel = seams.connection().default_channel
@@ -595,7 +598,7 @@ def _clients_built_in_place(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
 @seam("kombu_redis_channel_conn_or_acquire")
 def check_kombu_redis_channel_conn_or_acquire(seams: SeamEnv) -> None:
     """Channel.conn_or_acquire(client=None) is a (synchronous) context manager yielding a redis-py
-    client on the broker's Redis, or the client it was given: app.transport writes held messages
+    client on the broker's Redis, or the client it was given: app.plumbing.transport writes held messages
     with it, and its QoS restores with it."""
     channel = seams.connection().default_channel
     with channel.conn_or_acquire() as client:
@@ -617,7 +620,7 @@ def _async_conn_or_acquire(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
 @seam("kombu_redis_channel_from_transport_options")
 def check_kombu_redis_channel_from_transport_options(seams: SeamEnv) -> None:
     """kombu sets a channel attribute from each transport option named in the class's
-    from_transport_options: app.transport adds min_replicas and replica_timeout_ms there
+    from_transport_options: app.plumbing.transport adds min_replicas and replica_timeout_ms there
     (REDIS_MIN_REPLICAS, REDIS_REPLICA_TIMEOUT_MS)."""
     conn = seams.connection(min_replicas=1, replica_timeout_ms=20)
     channel = conn.default_channel
@@ -702,30 +705,30 @@ def check_celery_app_redis_transport_options(seams: SeamEnv) -> None:
 
 
 def _throttle_option_dropped(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
-    # kombu N+1 renames the option: the tuple app.transport extends at import no longer names it.
+    # kombu N+1 renames the option: the tuple app.plumbing.transport extends at import no longer names it.
     mp.setattr(transport.Channel, "from_transport_options",
                tuple(name for name in transport.Channel.from_transport_options if name != "unacked_restore_throttle"))
 
 
-# --- Celery's worker: the apply task's strategy (app/fastpath.py) --------------------------------
+# --- Celery's worker: the apply task's strategy (app/applying/fastpath.py) --------------------------------
 
 
 @seam("celery_task_strategy")
 def check_celery_task_strategy(seams: SeamEnv) -> None:
     """The worker builds each task's strategy as Task.Strategy(task, app, consumer, **kwargs), and
     celery.worker.strategy.default(task, app, consumer, ...) returns Celery's handler for a message:
-    app.fastpath.duplicates_first is the apply task's Strategy and wraps default's handler."""
+    app.applying.fastpath.duplicates_first is the apply task's Strategy and wraps default's handler."""
     parameters = list(inspect.signature(celery_strategy.default).parameters.values())[:3]
     assert [p.name for p in parameters] == ["task", "app", "consumer"] and all(
         p.kind is p.POSITIONAL_OR_KEYWORD for p in parameters), (
-        f"celery.worker.strategy.default{inspect.signature(celery_strategy.default)}: app.fastpath calls "
+        f"celery.worker.strategy.default{inspect.signature(celery_strategy.default)}: app.applying.fastpath calls "
         "default(task, app, consumer, **kwargs)")
     requests: list[Any] = []
     consumer = celery_consumer(seams, requests)
     consumer.update_strategies()  # as the worker's Tasks step does
     strategy = consumer.strategies[APPLY_EVENT_TASK]
     assert strategy.__qualname__ == "duplicates_first.<locals>.task_message_handler", (
-        f"the apply task's strategy is {strategy!r}, not the one app.fastpath builds")
+        f"the apply task's strategy is {strategy!r}, not the one app.applying.fastpath builds")
     envelope = event_envelope("SEAM-NEW")
     send_event(seams, envelope)
     message = take_one(seams.connection(), WEBHOOK_QUEUE)
@@ -747,7 +750,7 @@ def _default_strategy_reordered(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None
 def check_celery_strategy_ack(seams: SeamEnv) -> None:
     """The consumer calls a strategy's handler as (message, body, ack, reject, callbacks), and its
     ``ack`` called as ack(logger, connection_errors) acknowledges the message: that is how
-    app.fastpath acknowledges a duplicate it turns away, with no task request."""
+    app.applying.fastpath acknowledges a duplicate it turns away, with no task request."""
     envelope = event_envelope("SEAM-DUPLICATE")
     send_event(seams, envelope)
     mark_applied(seams, envelope)
@@ -774,7 +777,7 @@ def _ack_log_error_keywords_only(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> Non
 @seam("celery_event_dispatcher_groups")
 def check_celery_event_dispatcher_groups(seams: SeamEnv) -> None:
     """With task events off, the worker's event dispatcher is enabled with groups {'worker'}
-    (heartbeats only), and Flower's enable_events adds 'task' to those groups: app.fastpath turns
+    (heartbeats only), and Flower's enable_events adds 'task' to those groups: app.applying.fastpath turns
     duplicates away only while task events are off, so that Flower sees every task."""
     requests: list[Any] = []
     consumer = celery_consumer(seams, requests, task_events=False)  # worker_send_task_events=False
@@ -812,7 +815,7 @@ def _groups_renamed(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
 @seam("celery_consumer_connection_errors")
 def check_celery_consumer_connection_errors(seams: SeamEnv) -> None:
     """consumer.connection_errors covers what the broker's transport raises when the broker is gone:
-    app.fastpath passes it to the ack, so a failed acknowledgement is logged, not raised into the
+    app.applying.fastpath passes it to the ack, so a failed acknowledgement is logged, not raised into the
     consumer."""
     consumer = celery_consumer(seams, [])
     server = RedisServer(seams.tmp_path / "broker").start()
@@ -842,7 +845,7 @@ def _connection_errors_reshaped(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None
 @seam("celery_request_acknowledge")
 def check_celery_request_acknowledge(seams: SeamEnv) -> None:
     """A task request acknowledges its message by calling on_ack(logger, connection_errors), with
-    nothing else: app.fastpath's ack of a duplicate makes that same call."""
+    nothing else: app.applying.fastpath's ack of a duplicate makes that same call."""
     requests: list[Any] = []
     consumer = celery_consumer(seams, requests)
     consumer.update_strategies()
@@ -876,9 +879,9 @@ def _acknowledge_with_keywords(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
     mp.setattr(worker_request.Request, "acknowledge", acknowledge)
 
 
-# --- Celery's message, kombu's publish (app/publish.py) ------------------------------------------
+# --- Celery's message, kombu's publish (app/plumbing/publish.py) ------------------------------------------
 
-# The keywords app.publish._publish_on_redis passes producer.publish besides Celery's properties.
+# The keywords app.plumbing.publish._publish_on_redis passes producer.publish besides Celery's properties.
 PUBLISH_KEYWORDS = ("routing_key", "exchange", "serializer", "headers", "delivery_mode", "declare", "retry")
 
 
@@ -886,7 +889,7 @@ PUBLISH_KEYWORDS = ("routing_key", "exchange", "serializer", "headers", "deliver
 def check_celery_amqp_create_task_message(seams: SeamEnv) -> None:
     """celery.amqp.create_task_message(...) returns four items, (headers, properties, body,
     sent_event), with the task id in headers['id'] and properties that do not clash with the
-    keywords app.publish passes producer.publish (a publish without send_task's outer layers)."""
+    keywords app.plumbing.publish passes producer.publish (a publish without send_task's outer layers)."""
     celery = seams.app.extensions["celery"]
     task_id = uuid()
     args = ({"session_id": "S"}, "2026-03-06T14:00:00+00:00", None)
@@ -897,7 +900,7 @@ def check_celery_amqp_create_task_message(seams: SeamEnv) -> None:
     assert (headers["id"], headers["task"], headers["argsrepr"]) == (task_id, APPLY_EVENT_TASK, "seam"), headers
     assert properties.get("correlation_id") == task_id, f"properties {properties!r}"
     clash = sorted(set(properties) & set(PUBLISH_KEYWORDS))
-    assert not clash, f"its properties now carry {clash}, which app.publish passes producer.publish itself"
+    assert not clash, f"its properties now carry {clash}, which app.plumbing.publish passes producer.publish itself"
     assert list(body[0]) == list(args) and body[1] == {}, f"body {body!r}"
 
 
@@ -923,7 +926,7 @@ def message_shape(raw: bytes) -> dict[str, Any]:
 
 @seam("kombu_producer_publish")
 def check_kombu_producer_publish(seams: SeamEnv) -> None:
-    """kombu's Producer.publish takes declare, retry and the other keywords app.publish passes by
+    """kombu's Producer.publish takes declare, retry and the other keywords app.plumbing.publish passes by
     name (anything else would silently become a message property), and the message it writes
     is the one send_task writes: the web's shortcut publish is invisible to the worker."""
     signature = inspect.signature(Producer.publish)
@@ -939,7 +942,7 @@ def check_kombu_producer_publish(seams: SeamEnv) -> None:
     [ours] = seams.client.lrange(WEBHOOK_QUEUE, 0, -1)
     [celerys] = seams.client.lrange(QUEUE, 0, -1)
     assert message_shape(ours) == message_shape(celerys), (
-        f"app.publish wrote {message_shape(ours)}, send_task {message_shape(celerys)}")
+        f"app.plumbing.publish wrote {message_shape(ours)}, send_task {message_shape(celerys)}")
 
 
 def _declare_renamed(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
@@ -1004,7 +1007,7 @@ def _pool_option_renamed(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
 
 @seam("celery_native_delayed_delivery")
 def check_celery_native_delayed_delivery(seams: SeamEnv) -> None:
-    """On quorum queues (app.celery_app.queue_config: topic exchanges), Celery publishes a retry's
+    """On quorum queues (app.plumbing.queues.queue_config: topic exchanges), Celery publishes a retry's
     countdown to the exchange celery_delayed_27 with a 28-bit routing key, the top of the
     celery_delayed_27..celery_delayed_0 chain (into celery_delayed_delivery) kombu declares at
     worker start: the retry waits in RabbitMQ, not unacknowledged in a worker's memory. The
@@ -1207,7 +1210,7 @@ def test_global_keyprefix_is_refused_when_a_channel_is_made(redis_server: RedisS
     prefixed = Connection(redis_server.url, transport=PROJECT_TRANSPORT, transport_options=options)
     with prefixed, pytest.raises(transport.UnsupportedTransportOption, match="global_keyprefix='voice:'"):
         prefixed.default_channel  # noqa: B018 - making the channel is the point
-    sentinel = Connection("sentinel://127.0.0.1:1", transport="app.transport:SentinelTransport",
+    sentinel = Connection("sentinel://127.0.0.1:1", transport="app.plumbing.transport:SentinelTransport",
                           transport_options={**options, "master_name": "mymaster"})
     with sentinel, pytest.raises(transport.UnsupportedTransportOption):  # before it asks any sentinel
         sentinel.default_channel  # noqa: B018

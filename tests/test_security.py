@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from app.errors import InvalidPayload, UnsupportedMediaType
-from app.events import FORM, JSON_TYPE, decode_body, parse_event
-from app.pending import PENDING_DATA
+from app.base.errors import InvalidPayload, UnsupportedMediaType
+from app.payload.events import FORM, JSON_TYPE, decode_body, parse_event
+from app.plumbing.pending import PENDING_DATA
 from config import Settings
 from tests.support import ROOT
 
@@ -139,7 +139,7 @@ def test_arbitrary_bytes_are_refused_cleanly(body: bytes, mimetype: str) -> None
 
 
 # The field rules as the contract states them, written out as literal cases (never derived from
-# app.events' own patterns): sessionId 1-128 printable characters, no whitespace; phoneNumber +
+# app.payload.events' own patterns): sessionId 1-128 printable characters, no whitespace; phoneNumber +
 # and 8 to 15 digits; recordingUrl an absolute http or https URL of at most 2048 characters, empty
 # meaning no recording; duration an integer from 0 to 604800; status one of completed, failed,
 # busy, no-answer, rejected.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.simulator import Check, differences, table
+from app.operating.simulator import Check, differences, table
 from tests.e2e.stack import API_KEY, BIN, Stack
 from tests.support import ROOT
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from app.celery_app import TASK_TIME_LIMIT
-from app.queues import ALL_QUEUES
+from app.plumbing.queues import ALL_QUEUES
 from tests.support import ROOT
 
 UNITS_DIR = ROOT / "deploy" / "systemd"

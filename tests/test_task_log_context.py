@@ -1,6 +1,6 @@
 """The apply task's log context (event_key, task_id...) ends with the task.
 
-``app.tasks.apply_webhook_event`` binds them to structlog's contextvars for its own lines; left
+``app.applying.tasks.apply_webhook_event`` binds them to structlog's contextvars for its own lines; left
 there, they labelled every line the worker logged after it (Celery's, the next message's
 strategy) with the last task's event. ``Task.apply`` runs the task body here, through Celery's
 tracer, signals included.
@@ -14,9 +14,9 @@ import pytest
 import structlog
 from flask import Flask
 
-from app import tasks
-from app.delivery import deliver
-from app.tasks import apply_webhook_event
+from app.applying import tasks
+from app.applying.delivery import deliver
+from app.applying.tasks import apply_webhook_event
 from tests.support import sqlite_only
 
 MESSAGE = {"session_id": "CTX", "status": "completed", "phone_number": "+254712345678", "recording_url": None,

@@ -13,14 +13,15 @@ import pytest
 from flask import Flask
 from sqlalchemy import select
 
-from app import create_app, tasks
-from app.deadletters import DEAD_LETTER_LIST
-from app.envelope import Envelope
-from app.extensions import db
-from app.models import DeadLetter, VoiceRecording
-from app.pending import PENDING_DATA
-from app.pending import add as add_pending
-from app.tasks import BACKOFF_MAX_SECONDS, CLAIM_BUSY_MAX_SECONDS, apply_webhook_event, backoff_seconds
+from app import create_app
+from app.applying import tasks
+from app.applying.deadletters import DEAD_LETTER_LIST
+from app.applying.tasks import BACKOFF_MAX_SECONDS, CLAIM_BUSY_MAX_SECONDS, apply_webhook_event, backoff_seconds
+from app.base.extensions import db
+from app.payload.envelope import Envelope
+from app.plumbing.pending import PENDING_DATA
+from app.plumbing.pending import add as add_pending
+from app.records.models import DeadLetter, VoiceRecording
 from config import Settings
 from tests.support import free_port
 

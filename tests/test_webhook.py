@@ -14,8 +14,8 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
-from app.pending import PENDING_DATA
-from app.queues import WEBHOOK_QUEUE
+from app.plumbing.pending import PENDING_DATA
+from app.plumbing.queues import WEBHOOK_QUEUE
 from config import Settings
 from tests.support import free_port
 

@@ -16,14 +16,15 @@ import redis
 from flask import Flask
 from sqlalchemy import func, select
 
-from app import create_app, hooks
-from app.deadletters import DEAD_LETTER_LIST, NotKept, dead_letter, drain_redis
-from app.delivery import deliver
-from app.domain import APPLIED, DUPLICATE, apply_event
-from app.envelope import Envelope
-from app.events import Event
-from app.extensions import db
-from app.models import DeadLetter, HookOutbox, WebhookEvent
+from app import create_app
+from app.applying import hooks
+from app.applying.deadletters import DEAD_LETTER_LIST, NotKept, dead_letter, drain_redis
+from app.applying.delivery import deliver
+from app.applying.domain import APPLIED, DUPLICATE, apply_event
+from app.base.extensions import db
+from app.payload.envelope import Envelope
+from app.payload.events import Event
+from app.records.models import DeadLetter, HookOutbox, WebhookEvent
 from config import Settings
 from tests.support import RedisServer, free_port, rabbitmq_vhost, sqlite_only, wait_for
 
@@ -245,10 +246,9 @@ def test_quorum_queues_dead_letter_past_their_delivery_limit_and_the_sweeper_fil
     dropped), and the drain files it as a dead letter, listed and replayable, once."""
     from kombu import Connection
 
-    from app.celery_app import DELIVERY_LIMIT
-    from app.deadletters import drain_broker, replay
-    from app.publish import send
-    from app.queues import REPLAY_QUEUE, WEBHOOK_QUEUE
+    from app.applying.deadletters import drain_broker, replay
+    from app.plumbing.publish import send
+    from app.plumbing.queues import DELIVERY_LIMIT, REPLAY_QUEUE, WEBHOOK_QUEUE
 
     with rabbitmq_vhost() as broker_url:
         app = make_app(Settings(database_url=settings.database_url, redis_url=settings.redis_url,

@@ -15,7 +15,8 @@ from tests.support import ROOT
 
 # Modules only the web, the ``flask`` commands or the ``celery`` umbrella command use.
 WEB_ONLY = (
-    "app.openapi", "app.ops", "app.api", "app.webhook", "app.security", "app.cli", "app.simulator",
+    "app.payload.openapi", "app.operating.ops", "app.reading.api", "app.intake.webhook", "app.base.security",
+    "app.operating.cli", "app.operating.simulator",
     "flask_migrate", "alembic",
 )
 UMBRELLA_ONLY = ("celery.bin.celery", "celery.bin.amqp", "click_repl", "prompt_toolkit", "flower", "tornado")
@@ -37,7 +38,7 @@ def sqlite_worker(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
 
 
 def test_the_worker_loads_no_web_module(sqlite_worker: set[str]) -> None:
-    assert "app.tasks" in sqlite_worker and "celery.bin.worker" in sqlite_worker  # what it does need
+    assert "app.applying.tasks" in sqlite_worker and "celery.bin.worker" in sqlite_worker  # what it does need
     assert sorted(sqlite_worker & set(WEB_ONLY)) == []
 
 
@@ -57,4 +58,4 @@ def test_the_web_still_loads_its_blueprints_and_commands(tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'voice.db'}"
     web = loaded("import wsgi\nassert {'webhook', 'api', 'ops'} <= set(wsgi.app.blueprints)\n"
                  "assert {'voice', 'db'} <= set(wsgi.app.cli.commands)", url)
-    assert {"app.openapi", "app.cli", "app.simulator"} <= web
+    assert {"app.payload.openapi", "app.operating.cli", "app.operating.simulator"} <= web

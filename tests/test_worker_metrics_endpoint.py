@@ -1,4 +1,4 @@
-"""app.metrics.WorkerMetricsEndpoint within one process: the election's rules, quickly (the same
+"""app.operating.scrape.WorkerMetricsEndpoint within one process: the election's rules, quickly (the same
 with real worker processes: tests/e2e/test_worker_metrics.py)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from app.metrics import WORKER_METRICS_LOCK, WorkerMetricsEndpoint, serve_worker_metrics
+from app.operating.scrape import WORKER_METRICS_LOCK, WorkerMetricsEndpoint, serve_worker_metrics
 from tests.support import free_port, sqlite_only, wait_for
 
 RETRY = 0.2

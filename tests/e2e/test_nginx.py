@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.events import FORM
+from app.payload.events import FORM
 from config import Settings
 from tests.e2e.frontdoor import SITE, Nginx, get, post_webhook, probe_under_slow_clients
 from tests.e2e.stack import Stack

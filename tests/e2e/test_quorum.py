@@ -14,9 +14,9 @@ from urllib.parse import urlencode
 import pytest
 import redis
 
-from app.dedup import DEDUP_PREFIX
-from app.events import FORM, decode_body, parse_event
-from app.queues import ALL_QUEUES
+from app.payload.events import FORM, decode_body, parse_event
+from app.plumbing.dedup import DEDUP_PREFIX
+from app.plumbing.queues import ALL_QUEUES
 from tests.e2e.stack import Stack
 from tests.support import rabbitmq_vhost, wait_for
 

@@ -148,7 +148,7 @@ def test_metrics_add_up_across_processes(stack: Stack) -> None:
 
 def test_the_worker_consumes_from_the_configured_broker(stack: Stack) -> None:
     transport = next(line for line in stack.log("worker").splitlines() if "transport:" in line)
-    expected = "amqp://" if "CELERY_BROKER_URL" in stack.extra_env else "app.transport:Transport://"
+    expected = "amqp://" if "CELERY_BROKER_URL" in stack.extra_env else "app.plumbing.transport:Transport://"
     assert expected in transport  # Redis: kombu's transport with the service's client reuse
 
 

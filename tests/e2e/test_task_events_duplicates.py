@@ -1,5 +1,5 @@
 """A worker that sends task events (started with ``-E``, as for Flower) turns no duplicate away on
-arrival (app.fastpath): every message takes Celery's own path, so that whoever watches the events
+arrival (app.applying.fastpath): every message takes Celery's own path, so that whoever watches the events
 sees every task. The duplicates are still applied once: the task itself finds them done."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import redis
 
 from app import create_app
-from app.events import Event
-from app.extensions import db
-from app.pending import PENDING_DUE
+from app.base.extensions import db
+from app.payload.events import Event
+from app.plumbing.pending import PENDING_DUE
 from config import Settings
 from tests.conftest import migrate
 from tests.e2e.test_flower import procfile_command

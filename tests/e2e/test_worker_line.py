@@ -19,13 +19,13 @@ import pytest
 import redis
 
 from app import create_app
-from app.dedup import DEDUP_PREFIX
-from app.events import Event
-from app.extensions import db
-from app.pending import PENDING_DUE
-from app.publish import enqueue
-from app.queues import APPLY_EVENT_TASK
-from app.timeutil import utcnow
+from app.base.extensions import db
+from app.base.timeutil import utcnow
+from app.payload.events import Event
+from app.plumbing.dedup import DEDUP_PREFIX
+from app.plumbing.pending import PENDING_DUE
+from app.plumbing.publish import enqueue
+from app.plumbing.queues import APPLY_EVENT_TASK
 from config import Settings
 from tests.conftest import migrate
 from tests.e2e.stack import worker_line
@@ -120,7 +120,7 @@ def test_each_event_costs_its_round_trips_and_no_task_events(service: dict[str, 
     assert all(client.get(f"voice:dedup:{e.key}").startswith(b"done:") for e in events)
     outcomes = [line for line in (tmp_path / "worker.log").read_text().splitlines() if '"event_applied"' in line]
     assert sum('"outcome": "duplicate"' in line for line in outcomes) == EVENTS
-    # ...each turned away as its message arrived, without a task request (app.fastpath).
+    # ...each turned away as its message arrived, without a task request (app.applying.fastpath).
     assert sum('"turned_away": "on arrival"' in line for line in outcomes) == EVENTS
 
 

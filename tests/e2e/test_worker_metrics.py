@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.events import Event
-from app.metrics import WORKER_METRICS_RETRY_SECONDS
+from app.operating.scrape import WORKER_METRICS_RETRY_SECONDS
+from app.payload.events import Event
 from tests.e2e.test_worker_line import queue, service, start_line  # noqa: F401 - service is a fixture
 from tests.support import free_port, stop_group, wait_for
 

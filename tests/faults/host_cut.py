@@ -7,7 +7,7 @@ a host is cut off) for 20 s and comes back. The other host keeps applying. What 
 had taken and not acknowledged comes back through the broker: kombu restores an unacknowledged
 message after the visibility timeout (``app.celery_app.VISIBILITY_TIMEOUT``), and the pending
 set's sweeper sends it again after ``PENDING_REDELIVERY_SECONDS``; the dedup claim (its TTL,
-``app.dedup.CLAIM_TTL_SECONDS``, outlives a task) and the database fingerprint keep each event to
+``app.plumbing.dedup.CLAIM_TTL_SECONDS``, outlives a task) and the database fingerprint keep each event to
 one application. Nothing lost, nothing applied twice.
 """
 

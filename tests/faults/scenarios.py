@@ -29,11 +29,11 @@ from urllib.parse import urlencode
 import redis
 from sqlalchemy import create_engine, text
 
+from app.applying.tasks import BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS, CLAIM_BUSY_MAX_SECONDS
 from app.celery_app import UNACKED_RESTORE_INTERVAL, VISIBILITY_TIMEOUT, celery_config
-from app.dedup import CLAIM_TTL_SECONDS, DEDUP_PREFIX
-from app.events import FORM, Event
-from app.pending import PENDING_DATA
-from app.tasks import BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS, CLAIM_BUSY_MAX_SECONDS
+from app.payload.events import FORM, Event
+from app.plumbing.dedup import CLAIM_TTL_SECONDS, DEDUP_PREFIX
+from app.plumbing.pending import PENDING_DATA
 from config import Settings
 from tests.e2e.stack import Stack
 from tests.oracle import arrival_order_state

@@ -1,0 +1,254 @@
+"""What an event does to a recording.
+
+``merge`` holds the rules and touches only objects in memory; ``apply_event`` runs it in one
+transaction under a row lock (``stage_event`` does the same work and leaves the transaction open).
+Every rule compares order keys instead of trusting the order in which workers happen to apply
+events, so the result equals applying the events in arrival order.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from app.applying.hooks import stage as stage_hook
+from app.base.timeutil import order_key, utcnow
+from app.payload.africastalking import IN_PROGRESS
+from app.payload.events import Event
+from app.records.changes import mark_changed
+from app.records.models import Participant, VoiceRecording, WebhookEvent
+
+COMPLETED = "completed"
+
+APPLIED = "applied"  # a new event that changed the recording
+NO_EFFECT = "no_effect"  # a new event, stored, that changed nothing visible (older, or same state)
+DUPLICATE = "duplicate"  # an event already stored: nothing written
+
+
+def _view(recording: VoiceRecording) -> tuple[Any, ...]:
+    return (
+        recording.status,
+        recording.duration,
+        recording.recording_url,
+        recording.created_at,
+        tuple((p.phone_number, p.status, p.duration) for p in recording.participants),
+    )
+
+
+def merge(recording: VoiceRecording, event: Event, received_at: datetime, key: str, now: datetime) -> bool:
+    """Fold one event into a recording; True when anything a client can see changed."""
+    before = _view(recording)
+
+    if received_at < recording.created_at:
+        recording.created_at = received_at
+    # completed is final; otherwise the latest event by arrival decides.
+    if recording.status != COMPLETED and (
+        event.status == COMPLETED or _replaces(recording.status, recording.status_key, event.status, key)
+    ):
+        recording.status, recording.status_key = event.status, key
+    if event.duration is not None and (recording.duration is None or event.duration > recording.duration):
+        recording.duration = event.duration
+    if event.status == COMPLETED and event.recording_url and (recording.url_key is None or key > recording.url_key):
+        recording.recording_url, recording.url_key = event.recording_url, key
+
+    if event.phone_number is not None:
+        _merge_participant(recording, event, key, now)
+
+    changed = _view(recording) != before
+    if changed:
+        recording.processed_at = now
+    return changed
+
+
+def _merge_participant(recording: VoiceRecording, event: Event, key: str, now: datetime) -> None:
+    participant = next((p for p in recording.participants if p.phone_number == event.phone_number), None)
+    if participant is None:
+        recording.participants.append(
+            Participant(
+                phone_number=event.phone_number,
+                status=event.status,
+                status_key=key,
+                duration=event.duration,
+                duration_key=key if event.duration is not None else None,
+                updated_at=now,
+            )
+        )
+        return
+    before = (participant.status, participant.duration)
+    if _replaces(participant.status, participant.status_key, event.status, key):
+        participant.status, participant.status_key = event.status, key
+    if event.duration is not None and (participant.duration_key is None or key > participant.duration_key):
+        participant.duration, participant.duration_key = event.duration, key
+    if (participant.status, participant.duration) != before:
+        participant.updated_at = now
+
+
+def rebuild(recording: VoiceRecording, events: list[tuple[Event, datetime]], now: datetime) -> bool:
+    """Derive a recording afresh from all its distinct events; True when anything visible changed.
+
+    Needed when an event's arrival time moves earlier (a duplicate that arrived first was applied
+    second), which the incremental keys of ``merge`` cannot undo.
+    """
+    if not events:
+        raise ValueError("a recording has at least one event")
+    fresh = VoiceRecording(id=recording.id, status="", status_key="", created_at=min(t for _, t in events))
+    fresh.participants = []
+    for event, received_at in sorted(events, key=lambda item: order_key(item[1], item[0].fingerprint)):
+        merge(fresh, event, received_at, order_key(received_at, event.fingerprint), now)
+
+    before = _view(recording)
+    for name in ("status", "status_key", "duration", "recording_url", "url_key", "created_at"):
+        setattr(recording, name, getattr(fresh, name))
+    current = {p.phone_number: p for p in recording.participants}
+    for derived in fresh.participants:
+        existing = current.get(derived.phone_number)
+        if existing is None:
+            recording.participants.append(derived)
+            continue
+        changed = (existing.status, existing.duration) != (derived.status, derived.duration)
+        for name in ("status", "status_key", "duration", "duration_key"):
+            setattr(existing, name, getattr(derived, name))
+        if changed:
+            existing.updated_at = now
+    changed = _view(recording) != before
+    if changed:
+        recording.processed_at = now
+    return changed
+
+
+def _replaces(current: str, current_key: str, status: str, key: str) -> bool:
+    """Whether an event's status takes the place of the current one: a later event does, but a
+    live call's in-progress never takes the place of a terminal status, whatever the order."""
+    if not current:
+        return True
+    if status == IN_PROGRESS:
+        return current == IN_PROGRESS and key > current_key
+    return current == IN_PROGRESS or key > current_key
+
+
+def apply_event(
+    session: Session,
+    event: Event,
+    received_at: datetime,
+    *,
+    clock: Callable[[], datetime] = utcnow,
+) -> str:
+    """Apply one event in one transaction and commit; returns APPLIED, NO_EFFECT or DUPLICATE.
+
+    Concurrent calls for one session serialize on the recording's row lock (PostgreSQL) or on
+    SQLite's single writer, and the event fingerprint is checked under that lock, so neither an
+    update nor a duplicate slips through.
+    """
+    try:
+        outcome, wrote = stage_event(session, event, received_at, clock=clock)
+        if wrote:
+            session.commit()
+        else:
+            session.rollback()
+        return outcome
+    except BaseException:
+        session.rollback()
+        raise
+
+
+def stage_event(
+    session: Session,
+    event: Event,
+    received_at: datetime,
+    *,
+    clock: Callable[[], datetime] = utcnow,
+) -> tuple[str, bool]:
+    """Everything ``apply_event`` does but end the transaction: returns the outcome, and whether
+    anything was written (a duplicate that arrived no earlier than the stored copy writes nothing).
+
+    The caller commits or rolls back. Several events staged in one transaction keep their
+    recordings' row locks (PostgreSQL) until then, and a later event sees the earlier ones' rows.
+    """
+    fingerprint = event.fingerprint
+    key = order_key(received_at, fingerprint)
+    _ensure_recording(session, event.session_id, received_at, clock())
+    recording = session.execute(
+        select(VoiceRecording)
+        .where(VoiceRecording.id == event.session_id)
+        .options(selectinload(VoiceRecording.participants))
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one()
+
+    url_before = recording.recording_url
+    stored = session.scalar(select(WebhookEvent).where(WebhookEvent.fingerprint == fingerprint))
+    if stored is not None:
+        if received_at >= stored.received_at:
+            return DUPLICATE, False
+        # The copy that arrived first was applied second: it is the event's arrival time.
+        stored.received_at = received_at
+        if _rebuild_from_events(session, recording, clock()):
+            _announce(session, recording, url_before)
+        return DUPLICATE, True
+
+    changed = merge(recording, event, received_at, key, clock())
+    outcome = APPLIED if changed else NO_EFFECT
+    if changed:
+        _announce(session, recording, url_before)
+    session.add(
+        WebhookEvent(
+            recording_id=event.session_id,
+            fingerprint=fingerprint,
+            received_at=received_at,
+            phone_number=event.phone_number,
+            status=event.status,
+            duration=event.duration,
+            recording_url=event.recording_url,
+            outcome=outcome,
+            payload=event.payload,
+        )
+    )
+    return outcome, True
+
+
+def _rebuild_from_events(session: Session, recording: VoiceRecording, now: datetime) -> bool:
+    session.flush()
+    rows = session.scalars(select(WebhookEvent).where(WebhookEvent.recording_id == recording.id))
+    return rebuild(recording, [(stored_event(row), row.received_at) for row in rows], now)
+
+
+def _announce(session: Session, recording: VoiceRecording, url_before: str | None) -> None:
+    """In the changing transaction: move the recording to the change feed's end, and queue the
+    ready hook when its URL was set or changed; both commit with the change or not at all."""
+    mark_changed(session, recording)
+    stage_hook(session, recording, url_before)
+
+
+def stored_event(row: WebhookEvent) -> Event:
+    return Event(row.recording_id, row.status, row.phone_number, row.recording_url, row.duration, dict(row.payload))
+
+
+def _ensure_recording(session: Session, session_id: str, received_at: datetime, now: datetime) -> None:
+    """Create the recording if no event made it yet; a concurrent creator wins silently."""
+    values = {
+        "id": session_id,
+        "status": "",
+        "status_key": "",
+        "created_at": received_at,
+        "processed_at": now,
+    }
+    dialect = session.connection().dialect.name  # the transaction's own connection: no bind lookup
+    statement = dialect_insert(dialect)(VoiceRecording).values(values).on_conflict_do_nothing(index_elements=["id"])
+    session.execute(statement)
+
+
+# The supported databases; both have INSERT ... ON CONFLICT DO NOTHING.
+_DIALECTS = ("postgresql", "sqlite")
+
+
+def dialect_insert(dialect: str) -> Any:
+    """The dialect's own INSERT. Its module came with the engine, so a worker on SQLite does not
+    load PostgreSQL's dialect (about 2.5 MB) and one on PostgreSQL does not load SQLite's."""
+    if dialect not in _DIALECTS:
+        raise KeyError(dialect)
+    return importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert

@@ -1,0 +1,1 @@
+"""Reading: the recordings API and the change feed's endpoint."""
