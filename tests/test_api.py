@@ -142,3 +142,36 @@ def test_bad_list_parameters_are_400(client: FlaskClient, auth: dict, query: dic
     response = client.get("/api/v1/voice/recordings", headers=auth, query_string=query)
     assert response.status_code == 400
     assert error in response.get_json()["error"]
+
+
+@sqlite_only
+def test_read_api_answers_503_while_the_database_is_unreachable(settings: Settings, auth: dict) -> None:
+    """A failover's seconds without a primary (or any refused connection): the read API says
+    "retry" with Retry-After, never a 500, and no stack trace."""
+    closed = "postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=1"
+    from app import create_app
+
+    app = create_app(dataclasses.replace(settings, database_url=closed))
+    try:
+        for path in ("/api/v1/voice/recordings", "/api/v1/voice/recordings/x", "/api/v1/voice/changes"):
+            answer = app.test_client().get(path, headers=auth)
+            assert answer.status_code == 503, (path, answer.status_code, answer.get_data(as_text=True))
+            assert answer.headers["Retry-After"] == "5"
+            assert answer.get_json() == {"error": "database unavailable: retry"}
+    finally:
+        app.extensions["redis"].close()
+
+
+@sqlite_only
+def test_a_missing_table_is_still_a_fault_not_unavailability(settings: Settings, auth: dict, tmp_path) -> None:
+    """SQLite calls "no such table" an OperationalError as well: that is a 500 (a deployment that
+    skipped its migrations), not a 503 asking the caller to retry forever."""
+    from app import create_app
+
+    app = create_app(dataclasses.replace(settings, database_url=f"sqlite:///{tmp_path / 'never-migrated.db'}"))
+    try:
+        answer = app.test_client().get("/api/v1/voice/recordings/x", headers=auth)
+        assert answer.status_code == 500
+        assert answer.get_json() == {"error": "internal server error"}
+    finally:
+        app.extensions["redis"].close()

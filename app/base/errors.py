@@ -7,6 +7,7 @@ from typing import Any
 import structlog
 from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 log = structlog.get_logger(__name__)
@@ -110,6 +111,17 @@ class NotFound(ApiError):
     status_code = 404
 
 
+class Unavailable(ApiError):
+    """This process cannot answer now, another moment (or another server) can: 503 with
+    Retry-After, so that a client waits and asks again rather than giving up."""
+
+    status_code = 503
+    retry_after_seconds = 5
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_seconds)}
+
+
 def register_errorhandlers(app: Flask) -> None:
     """Answer every error as JSON, and never with a stack trace."""
 
@@ -127,10 +139,31 @@ def register_errorhandlers(app: Flask) -> None:
         message = (error.name or "error").lower()
         return jsonify({"error": message}), code, _allow_header(error)
 
+    @app.errorhandler(OperationalError)
+    def database_unavailable(error: OperationalError) -> ResponseReturnValue:
+        """The database cannot answer now (no primary during a failover, a refused or dropped
+        connection, a statement or lock timeout, SQLite busy): a read is worth asking again in a
+        moment, so 503 with Retry-After rather than 500. The webhook never reaches this: its
+        acknowledgement needs no database."""
+        if _sqlite_fault(error):
+            return unexpected_error(error)
+        log.warning("database_unavailable", error_type=type(error.orig).__name__)
+        retry_after = {"Retry-After": str(Unavailable.retry_after_seconds)}
+        return jsonify({"error": "database unavailable: retry"}), 503, retry_after
+
     @app.errorhandler(Exception)
     def unexpected_error(error: Exception) -> ResponseReturnValue:
         log.exception("unhandled_error", error_type=type(error).__name__)
         return jsonify({"error": "internal server error"}), 500
+
+
+def _sqlite_fault(error: OperationalError) -> bool:
+    """SQLite names a missing table or a bad statement an OperationalError too: those are faults
+    (500), not a moment's unavailability; only a busy or locked database is worth a retry."""
+    if type(error.orig).__module__ != "sqlite3":
+        return False
+    message = str(error.orig).lower()
+    return "locked" not in message and "busy" not in message
 
 
 def _allow_header(error: HTTPException) -> dict[str, str]:

@@ -26,12 +26,19 @@ from typing import Any
 from sqlalchemy import BigInteger, Text, cast, func, literal_column, select, tuple_
 from sqlalchemy.orm import Session, selectinload
 
-from app.base.errors import BadRequest
+from app.base.errors import BadRequest, Unavailable
 from app.records.models import VoiceRecording
 from app.records.views import recording_view
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+
+# A hot standby knows of a primary's transaction only from the WAL it has replayed: one that took
+# its id (the position it will write) but whose WAL has not arrived is missing from the standby's
+# snapshot, so a horizon computed there can pass a position that commits later, behind a cursor
+# already given out. The feed is read on the primary only (a connection left on a standby, after
+# a failover or through a replica's address, is refused rather than trusted).
+STANDBY_REFUSED = "the change feed is served only by the primary database, and this connection reached a standby: retry"
 
 Position = tuple[int, str]  # (change position, recording id): a total order over the feed
 START: Position = (-1, "")  # before every recording (positions start at 0)
@@ -50,12 +57,16 @@ def mark_changed(session: Session, recording: VoiceRecording) -> None:
 
 
 def read_changes(session: Session, after: Position, limit: int) -> list[tuple[Position, dict[str, Any]]]:
-    """Up to ``limit`` recordings past ``after``, each with its position, oldest change first."""
+    """Up to ``limit`` recordings past ``after``, each with its position, oldest change first.
+    On a PostgreSQL standby, refused with :class:`Unavailable` (see ``STANDBY_REFUSED``)."""
     postgresql = session.get_bind().dialect.name == "postgresql"
     if postgresql:
         # One snapshot for the recordings, their participants and the horizon, so an item is never
         # a mix of two commits (the participants are loaded by a second statement).
         session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        if session.scalar(select(func.pg_is_in_recovery())):
+            session.rollback()
+            raise Unavailable(STANDBY_REFUSED)
     query = select(VoiceRecording).options(selectinload(VoiceRecording.participants))
     query = query.where(tuple_(VoiceRecording.change_position, VoiceRecording.id) > tuple_(*after))
     if postgresql:
