@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 INSTANCE_DIR = Path(__file__).resolve().parent / "instance"
 DEFAULT_DATABASE_URL = f"sqlite:///{INSTANCE_DIR / 'voice.db'}"
@@ -26,6 +26,9 @@ REDIS_BROKER_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
 # the message, and waits for replicas when REDIS_MIN_REPLICAS asks it to.
 HOLDING_BROKER_SCHEMES = ("redis://", "sentinel://")
 SENTINEL_SCHEME = "sentinel://"
+# A Redis Cluster's startup nodes: it can hold the dedup cache (RabbitMQ as the broker), never the
+# broker (kombu's Redis transport reads several keys of its own together, which a cluster spreads).
+CLUSTER_SCHEME = "redis+cluster://"
 QUEUE_TYPES = ("classic", "quorum")
 
 # What a live call's request (isActive=1) is answered with: AT's call-control document.
@@ -73,6 +76,43 @@ def parse_sentinel_url(url: str, name: str = "REDIS_URL") -> SentinelURL:
     if not sentinels:
         raise ConfigError(f"{name} names no sentinel")
     return SentinelURL(tuple(sentinels), db, username, password)
+
+
+@dataclass(frozen=True)
+class ClusterURL:
+    """``redis+cluster://[user:pass@]h1:7000,h2:7001``: the nodes to learn the cluster's layout
+    from (any one that answers will do), and the credentials every node takes."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+
+
+def parse_cluster_url(url: str, name: str = "REDIS_URL") -> ClusterURL:
+    """The parts of a cluster URL; ``name`` is the variable an error names. A cluster has one
+    database, 0, so no other number is taken."""
+    if not url.startswith(CLUSTER_SCHEME):
+        raise ConfigError(f"{name} must start with {CLUSTER_SCHEME}")
+    netloc, _, path = url[len(CLUSTER_SCHEME):].partition("/")
+    if path.strip("/") not in {"", "0"}:
+        raise ConfigError(f"{name} names a Redis Cluster, which has database 0 only, got /{path}")
+    userinfo, _, hosts = netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    nodes: list[tuple[str, int]] = []
+    for part in (p.strip() for p in hosts.split(",")):
+        if not part:
+            continue
+        parsed = urlsplit(f"//{part}")
+        try:
+            port = parsed.port or 6379
+        except ValueError:
+            raise ConfigError(f"{name} has a cluster node with a port that is not a number") from None
+        if not parsed.hostname:
+            raise ConfigError(f"{name} has a cluster node without a host")
+        nodes.append((parsed.hostname, port))
+    if not nodes:
+        raise ConfigError(f"{name} names no cluster node (redis+cluster://host:port[,host:port...])")
+    return ClusterURL(tuple(nodes), unquote(username) or None, unquote(password) or None)
 
 
 class ConfigError(ValueError):
@@ -182,6 +222,29 @@ def _networks(raw: str | None) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+CLUSTER_NOT_A_BROKER = (
+    "the Redis broker (kombu) needs one Redis (a Sentinel group for failover); a Redis Cluster can "
+    "hold the dedup cache only, with RabbitMQ as the broker (CELERY_BROKER_URL=amqp://...)"
+)
+
+
+def _check_cluster(settings: Settings) -> None:
+    """A cluster URL only as the cache's: the broker's transport keeps each queue, its unacked hash
+    and their index in keys it reads together, and a cluster spreads those over its nodes."""
+    if settings.celery_broker_url.startswith(CLUSTER_SCHEME):
+        raise ConfigError(f"CELERY_BROKER_URL cannot be a Redis Cluster: {CLUSTER_NOT_A_BROKER}")
+    if not settings.redis_is_cluster:
+        return
+    parse_cluster_url(settings.redis_url)
+    if not settings.celery_broker_url or settings.broker_is_redis:
+        raise ConfigError(f"REDIS_URL names a Redis Cluster while Redis is the broker: {CLUSTER_NOT_A_BROKER}")
+    if settings.redis_min_replicas:
+        raise ConfigError(
+            "REDIS_MIN_REPLICAS applies to the Redis broker's write only; with a Redis Cluster as the "
+            "dedup cache RabbitMQ is the broker, and its publisher confirms are the guarantee"
+        )
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service reads from its environment. Field names follow the variables."""
@@ -241,6 +304,10 @@ class Settings:
     @property
     def redis_is_sentinel(self) -> bool:
         return self.redis_url.startswith(SENTINEL_SCHEME)
+
+    @property
+    def redis_is_cluster(self) -> bool:
+        return self.redis_url.startswith(CLUSTER_SCHEME)
 
     @property
     def broker_is_sentinel(self) -> bool:
@@ -311,6 +378,7 @@ class Settings:
         for name, url in (("REDIS_URL", self.redis_url), ("CELERY_BROKER_URL", self.celery_broker_url)):
             if url.startswith(SENTINEL_SCHEME):
                 parse_sentinel_url(url, name)
+        _check_cluster(self)
         master = self.redis_sentinel_master
         if not master or any(ch.isspace() for ch in master):
             raise ConfigError(f"REDIS_SENTINEL_MASTER must be a name without spaces, got {master!r}")

@@ -27,7 +27,9 @@ children=()
 cleanup() { for pid in "${children[@]}"; do kill "$pid" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
-if ! python -c 'import os, redis; redis.Redis.from_url(os.environ["REDIS_URL"], socket_connect_timeout=1).ping()' 2>/dev/null; then
+# Only a plain redis:// URL is started here when nothing answers; a Sentinel group or a cluster
+# (sentinel://, redis+cluster://) is the operator's to run.
+if [[ "$REDIS_URL" == redis://* ]] && ! python -c 'import os, redis; redis.Redis.from_url(os.environ["REDIS_URL"], socket_connect_timeout=1).ping()' 2>/dev/null; then
   read -r host port < <(python -c 'import os; from urllib.parse import urlsplit; u = urlsplit(os.environ["REDIS_URL"]); print(u.hostname or "localhost", u.port or 6379)')
   case "$host" in
     localhost|127.0.0.1|::1) ;;

@@ -108,3 +108,53 @@ def test_call_xml_of_the_operator_is_checked(document: str, message: str) -> Non
         Settings.from_env({"VOICE_ACTIVE_CALL_XML": document})
     custom = '<?xml version="1.0"?><Response><Say>Please hold</Say></Response>'
     assert Settings.from_env({"VOICE_ACTIVE_CALL_XML": custom}).voice_active_call_xml == custom
+
+
+# --- a Redis Cluster as the dedup cache -------------------------------------------------------
+
+CLUSTER_URL = "redis+cluster://127.0.0.1:7000,127.0.0.1:7001"
+RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def test_a_cluster_url_holds_the_cache_with_rabbitmq_as_the_broker() -> None:
+    from config import parse_cluster_url
+
+    settings = Settings.from_env({"REDIS_URL": CLUSTER_URL, "CELERY_BROKER_URL": RABBITMQ})
+    assert settings.redis_is_cluster and not settings.redis_is_sentinel and not settings.broker_is_redis
+    assert parse_cluster_url(settings.redis_url).nodes == (("127.0.0.1", 7000), ("127.0.0.1", 7001))
+    with_auth = parse_cluster_url("redis+cluster://cache:s%40cret@h1:7000,h2/0")
+    assert with_auth.nodes == (("h1", 7000), ("h2", 6379))
+    assert (with_auth.username, with_auth.password) == ("cache", "s@cret")
+    assert "s@cret" not in repr(with_auth)
+    assert not Settings.from_env({}).redis_is_cluster
+
+
+@pytest.mark.parametrize("broker", ["", "redis://127.0.0.1:6379/0", "sentinel://127.0.0.1:26379/0"])
+def test_a_cluster_is_refused_while_redis_is_the_broker(broker: str) -> None:
+    env = {"REDIS_URL": CLUSTER_URL, **({"CELERY_BROKER_URL": broker} if broker else {})}
+    with pytest.raises(ConfigError, match=r"needs one Redis \(a Sentinel group for failover\).*RabbitMQ"):
+        Settings.from_env(env)
+
+
+def test_a_cluster_is_refused_as_the_broker() -> None:
+    with pytest.raises(ConfigError, match="CELERY_BROKER_URL cannot be a Redis Cluster"):
+        Settings.from_env({"CELERY_BROKER_URL": CLUSTER_URL})
+    with pytest.raises(ConfigError, match="CELERY_BROKER_URL cannot be a Redis Cluster"):
+        Settings(redis_url=CLUSTER_URL, celery_broker_url=CLUSTER_URL).check()
+
+
+def test_min_replicas_is_refused_with_a_cluster() -> None:
+    """REDIS_MIN_REPLICAS is the Redis broker's WAIT; with a cluster cache the broker is RabbitMQ."""
+    with pytest.raises(ConfigError, match="REDIS_MIN_REPLICAS applies to the Redis broker"):
+        Settings.from_env({"REDIS_URL": CLUSTER_URL, "CELERY_BROKER_URL": RABBITMQ, "REDIS_MIN_REPLICAS": "1"})
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("redis+cluster://127.0.0.1:7000/1", "database 0 only"),
+    ("redis+cluster://127.0.0.1:x", "port that is not a number"),
+    ("redis+cluster://", "names no cluster node"),
+    ("redis+cluster://:7000", "without a host"),
+])
+def test_bad_cluster_urls_name_the_variable(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"REDIS_URL.*{message}"):
+        Settings.from_env({"REDIS_URL": url, "CELERY_BROKER_URL": RABBITMQ})

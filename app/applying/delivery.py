@@ -23,8 +23,10 @@ log = structlog.get_logger(__name__)
 
 # Redis errors that mean "not reachable now" rather than a broken command.
 REDIS_DOWN: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
-# Where Redis is only the cache (RabbitMQ), any error of it leaves the decision to the database.
-CACHE_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError,)
+# Where Redis is only the cache (RabbitMQ), any error of it leaves the decision to the database;
+# a Redis Cluster client also raises its own RedisClusterException (no RedisError) when no node
+# answers or a slot has no master it knows.
+CACHE_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, redis.exceptions.RedisClusterException)
 
 
 def deliver(envelope: Envelope, owner: str) -> str:

@@ -47,6 +47,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.BusyLoadingError,
     redis.exceptions.TryAgainError,
     redis.exceptions.MasterDownError,
+    redis.exceptions.RedisClusterException,  # a cluster cache with no node answering (dedup.release)
     ClaimBusy,
 )
 # Retry policy: exponential backoff from 1 s with equal jitter, capped; the number of retries is

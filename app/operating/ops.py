@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify
+from redis.cluster import RedisCluster
 from sqlalchemy import text
 
 from app.base.extensions import db
@@ -63,6 +64,10 @@ def _database() -> None:
 
 
 def _redis() -> None:
+    if current_app.extensions["settings"].redis_is_cluster:
+        # A plain PING reaches one node: the cache is whole only while every slot's master answers.
+        current_app.extensions["redis"].ping(target_nodes=RedisCluster.PRIMARIES)
+        return
     current_app.extensions["redis"].ping()
 
 

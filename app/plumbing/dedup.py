@@ -115,7 +115,13 @@ def finish(key: str, received_at: datetime, owner: str | None = None) -> None:
         if drop:
             pending.drop(pipe, key)
 
-    if drop and owner is not None and transport.ride_on_ack(owner, write):
+    if not drop:
+        # The cache alone (RabbitMQ): one command, no transaction. A cluster client follows ASK for
+        # a command (a slot being moved) but not for a transaction, which would fail until the
+        # move ends.
+        _client().set(DEDUP_PREFIX + key, done, ex=ttl)
+        return
+    if owner is not None and transport.ride_on_ack(owner, write):
         return
     pipe = _client().pipeline(transaction=True)
     write(pipe)
