@@ -67,7 +67,7 @@ def summarize(profile: Path, top: int, focus: str) -> str:
     inclusive: collections.Counter[str] = collections.Counter()
     exclusive: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in profile.read_text().splitlines():
+    for line in profile.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if focus not in stack:
             continue  # the idle waits of the event loop, the metrics thread...
@@ -92,8 +92,8 @@ def main() -> int:
     parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--pool", default="solo")
     parser.add_argument("--top", type=int, default=30)
-    parser.add_argument("--focus", default="on_message",
-                        help="count only samples whose stack passes through this (kombu's message callback)")
+    parser.add_argument("--focus", default="_deliver",
+                        help="count only samples whose stack passes through this (kombu 5.7 delivering a message)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="voice-profile-"))
     redis_server = RedisServer(workdir / "redis").start()
