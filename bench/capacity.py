@@ -6,8 +6,9 @@ command's output between its ``capacity:`` markers, and a test fails when the tw
     .venv/bin/python -m bench.capacity --check    # exit 1 when docs/scaling.md differs
 
 Inputs: the newest ``bench/results/*.json`` written by ``bash bench/run.sh`` (web and worker
-rates), by ``python -m bench.redis_ops --out`` (Redis commands per event) and by
-``python -m bench.storage --out`` (bytes per row). Every planning assumption is a constant here,
+rates), by ``python -m bench.redis_ops --out`` (Redis commands per event), by
+``python -m bench.storage --out`` (bytes per row) and by ``python -m bench.node_limits --out``
+(what one PostgreSQL primary, one quorum queue and one cache shard take). Every planning assumption is a constant here,
 named and explained, so that a changed assumption is a changed line of code.
 """
 
@@ -136,7 +137,55 @@ def tables() -> str:
             + "<!-- capacity:plan -->\n" + "\n".join(lines) + "\n<!-- /capacity:plan -->")
 
 
+def nodes() -> str:
+    """Per node: what one PostgreSQL primary, one quorum queue's leader and one cache shard take on
+    the benchmark machine, what an event costs each, and the rate at which each runs out."""
+    limits_path, limits = newest("node-limits")
+    ops_path, ops = newest("redis-ops")
+    pg, rabbit, cache = limits["postgresql"], limits["rabbitmq"], limits["redis"]
+    alone, synced = pg["primary_alone"], pg["primary_sync_standby"]
+    messages_per_event = 1 + ops["redis_broker"]["by_command"].get("publish", 0.0)
+    queue_events = rabbit["messages_per_second"] / messages_per_event
+    rows = [
+        ("one PostgreSQL primary, with a synchronous standby",
+         f"{fmt(synced['one_call_tps'])} transactions/s as one server-side call; "
+         f"{fmt(synced['seven_statements_tps'])}/s as seven statements",
+         f"one write transaction per new event; the standby costs "
+         f"{1 - synced['one_call_tps'] / alone['one_call_tps']:.0%} of the primary alone's "
+         f"{fmt(alone['one_call_tps'])}/s (one call) and "
+         f"{1 - synced['seven_statements_tps'] / alone['seven_statements_tps']:.0%} of its "
+         f"{fmt(alone['seven_statements_tps'])}/s (seven statements)",
+         f"{fmt(synced['one_call_tps'])} new events/s with one call per event; "
+         f"{fmt(synced['seven_statements_tps'])} with statements sent one by one",
+         "a partitioned events table (by month: retention drops partitions) first; then recordings "
+         "sharded by session id over several primaries"),
+        ("one quorum queue's leader (three nodes)",
+         f"{fmt(rabbit['publish']['per_second'])} confirmed publishes/s; "
+         f"{fmt(rabbit['consume']['per_second'])} deliveries acknowledged/s",
+         f"{messages_per_event:.2f} messages per event, each published, replicated to 3 nodes, "
+         f"delivered and acknowledged ({fmt(rabbit['messages_per_second'])} messages/s through)",
+         f"{fmt(queue_events)} events/s",
+         "partitioned queues: N webhook queues, an event routed by a hash of its session id (one "
+         "session's events stay on one queue, in order), each queue's leader on another node"),
+        ("one cache shard (one Redis master)",
+         f"{fmt(cache['claims_per_second'])} claim scripts/s; {fmt(cache['done_marks_per_second'])} "
+         f"done marks/s",
+         f"one claim and one done mark per event ({ops['rabbitmq_broker']['commands_per_event']} "
+         f"commands in all on RabbitMQ, R')",
+         f"{fmt(cache['events_per_second'])} events/s",
+         "more masters in the cluster (an event's keys are in one slot: events spread over "
+         "every master); memory, not rate, decides the count (the dedup keys row)"),
+    ]
+    lines = ["| piece | measured on this machine | cost per event | runs out at | next step |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    note = (f"Source: {source(limits_path, limits)}, {limits['seconds']} s per figure; "
+            f"messages per event from {ops_path.relative_to(ROOT)}.")
+    return "<!-- capacity:nodes -->\n" + "\n".join(lines) + "\n\n" + note + "\n<!-- /capacity:nodes -->"
+
+
 BLOCK = re.compile(r"<!-- capacity:inputs -->.*<!-- /capacity:plan -->", re.S)
+NODES_BLOCK = re.compile(r"<!-- capacity:nodes -->.*<!-- /capacity:nodes -->", re.S)
 
 
 def main() -> int:
@@ -144,22 +193,22 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="put the tables into docs/scaling.md")
     parser.add_argument("--check", action="store_true", help="exit 1 when docs/scaling.md differs")
     args = parser.parse_args()
-    generated = tables()
+    blocks = ((BLOCK, tables()), (NODES_BLOCK, nodes()))
     if not (args.write or args.check):
-        print(generated)
+        print("\n\n".join(generated for _, generated in blocks))
         return 0
     text = DOC.read_text()
-    found = BLOCK.search(text)
-    if found is None:
-        print(f"{DOC} has no capacity markers", file=sys.stderr)
-        return 1
-    if args.check:
-        if found.group(0) != generated:
-            print(f"{DOC} differs from `python -m bench.capacity`: run it with --write",
-                  file=sys.stderr)
+    for pattern, generated in blocks:
+        found = pattern.search(text)
+        if found is None:
+            print(f"{DOC} has no {pattern.pattern.split(' ')[1]} markers", file=sys.stderr)
             return 1
-        return 0
-    DOC.write_text(text[:found.start()] + generated + text[found.end():])
+        if args.check and found.group(0) != generated:
+            print(f"{DOC} differs from `python -m bench.capacity`: run it with --write", file=sys.stderr)
+            return 1
+        text = text[:found.start()] + generated + text[found.end():]
+    if args.write:
+        DOC.write_text(text)
     return 0
 
 
