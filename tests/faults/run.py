@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -72,8 +73,10 @@ def main() -> int:
     if args.out:
         command = "python -m tests.faults.run " + " ".join([f"--repeat {args.repeat}", *args.scenarios])
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        runs = "\n".join(f"- {name} #{run} ({took:.0f} s): " + json.dumps(tally.notes, default=str)
+                          for name, run, tally, took in rows)
         args.out.write_text(f"`{command}` at commit {commit}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-                            f"\n\n{report}\n")
+                            f"\n\n{report}\n\nEach run's notes, as the scenario recorded them:\n\n{runs}\n")
     return 0 if all(t.ok or (n in SHOWS_A_LOSS and t.applied_twice == 0) for n, _, t, _ in rows) else 1
 
 
