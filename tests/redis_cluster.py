@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 from tests.redis_ha import Node
@@ -188,3 +189,37 @@ class LocalCluster:
 
         wait_for(took_over, timeout=timeout, interval=0.02)
         return time.monotonic()
+
+
+def claim_cycle(key: str, arrived: datetime) -> None:
+    """One event's whole life in the dedup cache, inside an app context: claimed, busy for another
+    task, released, claimed again, marked done; then a copy told apart from an earlier one."""
+    from app.plumbing import dedup
+
+    assert dedup.claim(key, "task-a", arrived) == "claimed"
+    assert dedup.claim(key, "task-b", arrived) == "busy"
+    dedup.release(key, "task-a")
+    assert dedup.claim(key, "task-b", arrived) == "claimed"
+    dedup.finish(key, arrived)
+    assert dedup.claim(key, "task-c", arrived) == "duplicate"
+    assert dedup.claim(key, "task-d", arrived.replace(second=1)) == "earlier"
+
+
+def applied_once(session_id: str) -> None:
+    """An event delivered twice, inside an app context: applied, then a duplicate, stored once."""
+    from sqlalchemy import func, select
+
+    from app.applying.delivery import deliver
+    from app.applying.domain import APPLIED, DUPLICATE
+    from app.base.extensions import db
+    from app.payload.envelope import Envelope
+    from app.payload.events import Event
+    from app.records.models import WebhookEvent
+
+    event = Event(session_id, "completed", "+254712345678", None, 42,
+                  {"sessionId": session_id, "status": "completed", "phoneNumber": "+254712345678", "duration": "42"})
+    envelope = Envelope(event.to_message(), "2026-03-06T14:00:05+00:00")
+    assert deliver(envelope, owner="task-1") == APPLIED
+    assert deliver(envelope, owner="task-2") == DUPLICATE
+    assert db.session.scalar(select(func.count()).select_from(WebhookEvent).where(
+        WebhookEvent.recording_id == session_id)) == 1

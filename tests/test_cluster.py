@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,28 +27,13 @@ from app.payload.events import Event
 from app.plumbing import dedup
 from app.records.models import WebhookEvent
 from config import Settings
+from tests.redis_cluster import claim_cycle, port_with_free_bus
 from tests.redis_ha import Node
-from tests.support import free_port, wait_for
+from tests.support import wait_for
 
 # A broker URL that is never contacted here: what matters is that Redis is not the broker.
 RABBITMQ_BROKER = "amqp://guest:guest@127.0.0.1:5672/voice-unused"
 _ARG = re.compile(r'"((?:[^"\\]|\\.)*)"')
-
-
-def port_with_free_bus() -> int:
-    """A free port whose cluster bus port (the port + 10000, before Redis 7's --cluster-port) is
-    free and valid too."""
-    for _ in range(100):
-        port = free_port()
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair for a cluster node")
 
 
 @pytest.fixture(scope="module")
@@ -156,14 +140,7 @@ def test_every_dedup_operation_keeps_its_keys_in_one_slot(cache_app: Flask, clus
     def work() -> None:
         with cache_app.app_context():
             for n in range(3):
-                key = f"event-{n}"
-                assert dedup.claim(key, "task-a", arrived) == "claimed"
-                assert dedup.claim(key, "task-b", arrived) == "busy"
-                dedup.release(key, "task-a")
-                assert dedup.claim(key, "task-b", arrived) == "claimed"
-                dedup.finish(key, arrived)
-                assert dedup.claim(key, "task-c", arrived) == "duplicate"
-                assert dedup.claim(key, "task-d", arrived.replace(second=1)) == "earlier"
+                claim_cycle(f"event-{n}", arrived)
 
     commands = sent_commands(cluster_node, work)
     grouped = units(commands)

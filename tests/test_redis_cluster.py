@@ -24,16 +24,15 @@ from redis.crc import key_slot
 from sqlalchemy import func, select
 
 from app.applying import deadletters
-from app.applying.delivery import CACHE_ERRORS, deliver
-from app.applying.domain import APPLIED, DUPLICATE
+from app.applying.delivery import CACHE_ERRORS
 from app.base.extensions import db
 from app.operating.gauges import state_counts
 from app.payload.envelope import Envelope
 from app.payload.events import Event
 from app.plumbing import dedup, pending
-from app.records.models import DeadLetter, WebhookEvent
+from app.records.models import DeadLetter
 from config import Settings
-from tests.redis_cluster import LocalCluster
+from tests.redis_cluster import LocalCluster, applied_once, claim_cycle
 from tests.redis_ha import Node
 from tests.support import free_port
 
@@ -93,13 +92,7 @@ def test_claims_and_finishes_reach_every_master(cluster_app: Flask, cluster: Loc
         n += 1
     with cluster_app.app_context():
         for key in keys.values():
-            assert dedup.claim(key, "task-a", ARRIVED) == "claimed"
-            assert dedup.claim(key, "task-b", ARRIVED) == "busy"
-            dedup.release(key, "task-a")
-            assert dedup.claim(key, "task-b", ARRIVED) == "claimed"
-            dedup.finish(key, ARRIVED)
-            assert dedup.claim(key, "task-c", ARRIVED) == "duplicate"
-            assert dedup.claim(key, "task-d", ARRIVED.replace(second=1)) == "earlier"
+            claim_cycle(key, ARRIVED)
     for node in masters:  # each done mark on the master that serves its slot
         assert (stored_on(node, keys[node.port]) or b"").startswith(b"done:"), node.port
 
@@ -174,13 +167,8 @@ def test_gauges_and_old_dead_letters_on_a_cluster(cluster_app: Flask) -> None:
 
 
 def test_the_worker_applies_once_on_a_cluster(cluster_app: Flask) -> None:
-    event = Event("CLUSTER-1", "completed", "+254712345678", None, 42,
-                  {"sessionId": "CLUSTER-1", "status": "completed", "phoneNumber": "+254712345678", "duration": "42"})
-    envelope = Envelope(event.to_message(), "2026-03-06T14:00:05+00:00")
     with cluster_app.app_context():
-        assert deliver(envelope, owner="task-1") == APPLIED
-        assert deliver(envelope, owner="task-2") == DUPLICATE
-        assert db.session.scalar(select(func.count()).select_from(WebhookEvent)) == 1
+        applied_once("CLUSTER-1")
 
 
 @pytest.mark.parametrize("error", [
@@ -202,9 +190,5 @@ def test_no_node_answering_leaves_the_decision_to_the_database(make_app: Callabl
     assert response.status_code == 200, response.json
     assert response.json["status"] == "degraded", response.json
     assert response.json["degraded"] == ["redis"]
-    event = Event("CLUSTER-2", "completed", "+254712345678", None, 42,
-                  {"sessionId": "CLUSTER-2", "status": "completed", "phoneNumber": "+254712345678", "duration": "42"})
-    envelope = Envelope(event.to_message(), "2026-03-06T14:00:05+00:00")
     with app.app_context():
-        assert deliver(envelope, owner="task-1") == APPLIED
-        assert deliver(envelope, owner="task-2") == DUPLICATE
+        applied_once("CLUSTER-2")
