@@ -60,6 +60,26 @@ def apply(app: Flask, event_: Event, seconds: float) -> None:
         apply_event(db.session, event_, T0 + timedelta(seconds=seconds))
 
 
+def test_the_relay_after_commit_runs_only_when_the_change_staged_a_hook(hook_app: Flask, broker: RedisServer) -> None:
+    """An event that staged no hook costs the task no outbox query; a row an earlier relay left is
+    the sweeper's (``relay`` without a recording)."""
+    with hook_app.app_context():
+        apply_event(db.session, ev("S", "completed", URL1), T0)
+        assert db.session.info.get(hooks.STAGED) is True
+        broker.stop()
+        hooks.relay_after_commit(db.session, "S")  # fails to send: the row stays
+        assert hooks.STAGED not in db.session.info
+    broker.start()
+    with hook_app.app_context():
+        apply_event(db.session, ev("S", "completed", None, phone="+254700000002"), T0 + timedelta(seconds=1))
+        assert hooks.STAGED not in db.session.info  # no URL change: nothing staged
+        hooks.relay_after_commit(db.session, "S")
+    assert len(outbox(hook_app)) == 1  # the after-commit relay left it alone
+    with hook_app.app_context():
+        assert hooks.relay(db.session) == 1  # the sweeper's relay sends it
+    assert outbox(hook_app) == []
+
+
 def outbox(app: Flask) -> list[HookOutbox]:
     with app.app_context():
         rows = list(db.session.scalars(select(HookOutbox).order_by(HookOutbox.id)))
@@ -131,10 +151,10 @@ def test_relay_hands_the_task_to_the_broker_then_deletes_the_row(hook_app: Flask
 def test_a_broker_outage_between_commit_and_relay_keeps_the_row_for_the_sweeper(
     hook_app: Flask, broker: RedisServer
 ) -> None:
-    apply(hook_app, ev("S", "completed", URL1), 0)  # committed
-    broker.stop()  # the broker goes away before the relay
     failed_before = hooks.FAILED._value.get()
-    with hook_app.app_context():
+    with hook_app.app_context():  # one session, as in a task
+        apply_event(db.session, ev("S", "completed", URL1), T0)  # committed
+        broker.stop()  # the broker goes away before the relay
         hooks.relay_after_commit(db.session, "S")  # must not raise: the task already succeeded
     [row] = outbox(hook_app)
     assert row.attempts == 1

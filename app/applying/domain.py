@@ -13,8 +13,9 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import false, select
+from sqlalchemy.orm import Session, joinedload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from app.applying.hooks import stage as stage_hook
 from app.base.timeutil import order_key, utcnow
@@ -171,21 +172,14 @@ def stage_event(
     """
     fingerprint = event.fingerprint
     key = order_key(received_at, fingerprint)
-    _ensure_recording(session, event.session_id, received_at, clock())
-    recording = session.execute(
-        select(VoiceRecording)
-        .where(VoiceRecording.id == event.session_id)
-        .options(selectinload(VoiceRecording.participants))
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).scalar_one()
+    recording, stored_at = _lock_recording(session, event, received_at, clock())
 
     url_before = recording.recording_url
-    stored = session.scalar(select(WebhookEvent).where(WebhookEvent.fingerprint == fingerprint))
-    if stored is not None:
-        if received_at >= stored.received_at:
+    if stored_at is not None:
+        if received_at >= stored_at:
             return DUPLICATE, False
         # The copy that arrived first was applied second: it is the event's arrival time.
+        stored = session.scalars(select(WebhookEvent).where(WebhookEvent.fingerprint == fingerprint)).one()
         stored.received_at = received_at
         if _rebuild_from_events(session, recording, clock()):
             _announce(session, recording, url_before)
@@ -228,18 +222,39 @@ def stored_event(row: WebhookEvent) -> Event:
     return Event(row.recording_id, row.status, row.phone_number, row.recording_url, row.duration, dict(row.payload))
 
 
-def _ensure_recording(session: Session, session_id: str, received_at: datetime, now: datetime) -> None:
-    """Create the recording if no event made it yet; a concurrent creator wins silently."""
-    values = {
-        "id": session_id,
-        "status": "",
-        "status_key": "",
-        "created_at": received_at,
-        "processed_at": now,
-    }
-    dialect = session.connection().dialect.name  # the transaction's own connection: no bind lookup
-    statement = dialect_insert(dialect)(VoiceRecording).values(values).on_conflict_do_nothing(index_elements=["id"])
-    session.execute(statement)
+def _lock_recording(
+    session: Session, event: Event, received_at: datetime, now: datetime
+) -> tuple[VoiceRecording, datetime | None]:
+    """The event's recording, created or locked by one statement, and the arrival time of the
+    event's stored copy (None when there is none).
+
+    An upsert whose update never applies (``WHERE false``) either inserts the row, or takes the
+    existing row's lock without writing a new version of it: PostgreSQL locks a conflicting row
+    (FOR UPDATE) before it tests the update's condition, and keeps the lock; SQLite's writer holds
+    its lock from BEGIN IMMEDIATE. A row this transaction created has no participants and no
+    events yet (their foreign keys name it; an event's fingerprint covers its session id), so
+    nothing more is read. An existing one is read afresh with its participants and the stored
+    copy's arrival time, in one statement that starts after the lock is held: under READ
+    COMMITTED its snapshot then holds whatever the lock's previous holder committed.
+    """
+    insert = dialect_insert(session.connection().dialect.name)(VoiceRecording)
+    upsert = (
+        insert.values(id=event.session_id, status="", status_key="", created_at=received_at, processed_at=now)
+        .on_conflict_do_update(index_elements=["id"], set_={"id": insert.excluded.id}, where=false())
+        .returning(VoiceRecording)
+    )
+    created = session.scalars(upsert, execution_options={"populate_existing": True}).first()
+    if created is not None:
+        set_committed_value(created, "participants", [])
+        return created, None
+    stored_at = select(WebhookEvent.received_at).where(WebhookEvent.fingerprint == event.fingerprint)
+    recording, received = session.execute(
+        select(VoiceRecording, stored_at.scalar_subquery())
+        .where(VoiceRecording.id == event.session_id)
+        .options(joinedload(VoiceRecording.participants))
+        .execution_options(populate_existing=True)
+    ).unique().one()
+    return recording, received
 
 
 # The supported databases; both have INSERT ... ON CONFLICT DO NOTHING.

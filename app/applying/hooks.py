@@ -35,6 +35,7 @@ log = structlog.get_logger(__name__)
 TASK_ID_NAMESPACE = uuid.UUID("6f1d8a52-3c0e-5b7e-9a41-0d2c7e9b1f35")
 RELAY_BATCH = 100
 RELAY_FAILURES_IN_A_ROW = 3
+STAGED = "voice_hook_staged"  # session.info: the session's transaction wrote an outbox row
 
 SENT = Counter("voice_hook_sent_total", "Ready-hook tasks the broker accepted, by path (commit, sweeper).", ["path"])
 FAILED = Counter("voice_hook_failed_total", "Ready-hook sends the broker refused; the outbox keeps them.")
@@ -58,6 +59,7 @@ def stage(session: Session, recording: VoiceRecording, url_before: str | None) -
         return
     session.add(HookOutbox(recording_id=recording.id, task_id=task_id(recording.id, recording.url_key or url),
                            recording=recording_view(recording), created_at=utcnow(), attempts=0))
+    session.info[STAGED] = True
 
 
 def relay(session: Session, recording_id: str | None = None, path: str = "commit") -> int:
@@ -114,8 +116,10 @@ def relay(session: Session, recording_id: str | None = None, path: str = "commit
 
 
 def relay_after_commit(session: Session, recording_id: str) -> None:
-    """The worker's send right after the change committed; the sweeper covers any failure here."""
-    if not hook_task():
+    """The worker's send right after the change committed, when that change staged a hook; the
+    sweeper covers any failure here (and a row an earlier relay left). An event that staged
+    nothing costs no query here."""
+    if not session.info.pop(STAGED, False) or not hook_task():
         return
     try:
         relay(session, recording_id, path="commit")
