@@ -1,0 +1,153 @@
+"""The worker against its database's own rate, in one run: how close the Procfile's worker line
+(as many processes as ``scripts/run.sh`` starts) comes to what the database itself takes for the
+writes an event makes.
+
+    .venv/bin/python -m bench.worker_floor --out bench/results/DATE-worker-floor-LABEL.json
+    .venv/bin/python -m bench.worker_floor --events 600 --seconds 5 --databases sqlite   # quick look
+
+- **PostgreSQL** (a server of the bench's own, fsync on: a commit is a flush, as in production):
+  pgbench with 2 clients doing one new event's writes as seven statements and as one server-side
+  call (``bench.node_limits``' scripts), then the worker line draining queued new events, then the
+  same events again as duplicates, all against that one server.
+- **SQLite** (a file of the bench's own, the service's pragmas: WAL, synchronous=FULL, BEGIN
+  IMMEDIATE): a plain ``sqlite3`` loop of the same seven statements in one process, then the worker
+  line as above.
+
+Ratios are of figures from this one run. Progress goes to stderr, the result (JSON) to stdout and
+to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sqlite3
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bench.node_limits import FUNCTION, ONE_CALL, SEVEN, _durable, _psql, pgbench
+from bench.run import ROOT, Processes, events, step, worker_rate, write_result
+from config import Settings
+from tests.conftest import migrate
+from tests.support import PostgresServer, RedisServer
+
+# The seven statements of bench.node_limits.SEVEN as SQLite takes them: no row lock (the write
+# lock taken at BEGIN IMMEDIATE serializes writers), and the change position as the service takes
+# it there (the table's highest plus one).
+SQLITE_SEVEN = [
+    "INSERT INTO voice_recordings (id, status, status_key, created_at, processed_at, change_position) "
+    "VALUES (:rid, '', '', :now, :now, 0) ON CONFLICT (id) DO NOTHING",
+    "SELECT id, status, status_key, duration, recording_url, url_key FROM voice_recordings WHERE id = :rid",
+    "SELECT id, phone_number, status, status_key, duration, duration_key FROM participants WHERE recording_id = :rid",
+    "SELECT id FROM webhook_events WHERE fingerprint = :rid",
+    "UPDATE voice_recordings SET status = 'completed', status_key = 'k', duration = 42, processed_at = :now, "
+    "change_position = (SELECT coalesce(max(latest.change_position), 0) + 1 FROM voice_recordings AS latest) "
+    "WHERE id = :rid",
+    "INSERT INTO participants (recording_id, phone_number, status, status_key, duration, duration_key, updated_at) "
+    "VALUES (:rid, '+254712345678', 'completed', 'k', 42, 'k', :now) ON CONFLICT (recording_id, phone_number) "
+    "DO UPDATE SET status = excluded.status",
+    "INSERT INTO webhook_events (recording_id, fingerprint, received_at, phone_number, status, duration, "
+    "recording_url, outcome, payload) VALUES (:rid, :rid, :now, '+254712345678', 'completed', 42, NULL, "
+    "'applied', '{\"sessionId\": \"b\", \"status\": \"completed\"}')",
+]
+
+
+def sqlite_loop(path: Path, seconds: float) -> float:
+    """Transactions per second of the seven statements, one transaction per event, for ``seconds``."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    done, n = 0, time.time_ns()
+    deadline = time.perf_counter() + seconds
+    started = time.perf_counter()
+    while time.perf_counter() < deadline:
+        params = {"rid": f"loop-{n}-{done}", "now": "2026-12-02 00:00:00.000000"}
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in SQLITE_SEVEN:
+            conn.execute(statement, params).fetchall()
+        conn.execute("COMMIT")
+        done += 1
+    rate = done / (time.perf_counter() - started)
+    conn.close()
+    return rate
+
+
+def line_processes() -> int:
+    return int(re.search(r"WORKER_CONCURRENCY:-(\d+)", (ROOT / "scripts" / "run.sh").read_text()).group(1))
+
+
+def worker_line(procs: Processes, settings: Settings, n: int, label: str) -> dict[str, Any]:
+    processes = line_processes()
+    batch = events(n, f"{label}{time.time_ns()}")
+    step(f"{label}: the worker line ({processes} processes) draining {n} queued new events")
+    new, rss = worker_rate(procs, settings, batch, processes, LOG_LEVEL="INFO")
+    step(f"{label}:   {new:.0f} new events/s; the same events again as duplicates")
+    dup, _ = worker_rate(procs, settings, batch, processes, LOG_LEVEL="INFO")
+    step(f"{label}:   {dup:.0f} duplicates/s")
+    return {"processes": processes, "events": n, "new_eps": round(new, 1), "duplicate_eps": round(dup, 1),
+            "duplicates_per_new": round(dup / new, 2), "peak_rss_mb": rss}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=3000, help="queued new events per drain")
+    parser.add_argument("--seconds", type=int, default=10, help="each pgbench run and the sqlite3 loop")
+    parser.add_argument("--databases", default="postgresql,sqlite")
+    parser.add_argument("--out", type=Path, help="also write the result here")
+    args = parser.parse_args()
+    result: dict[str, Any] = {"events": args.events, "seconds": args.seconds}
+    workdir = Path(tempfile.mkdtemp(prefix="voice-floor-"))
+    workdir.chmod(0o755)
+    redis_server = RedisServer(workdir / "redis").start()
+    metrics_dir = workdir / "metrics"
+    metrics_dir.mkdir()
+    env = {**os.environ, "REDIS_URL": redis_server.url, "LOG_FORMAT": "json", "PROMETHEUS_MULTIPROC_DIR":
+           str(metrics_dir), "API_KEYS": "bench"}
+    procs = Processes(workdir, env)
+    base = Settings(redis_url=redis_server.url, log_level="WARNING")
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(redis_server.stop)
+        cleanup.callback(procs.stop_all)
+        if "postgresql" in args.databases:
+            server = _durable(PostgresServer()).init().start()
+            cleanup.callback(server.remove)
+            migrate(server.url, redis_server.url)
+            _psql(server, FUNCTION)
+            step(f"postgresql: pgbench, 2 clients, {args.seconds} s each")
+            seven = pgbench(server, SEVEN, args.seconds, workdir)
+            one_call = pgbench(server, ONE_CALL, args.seconds, workdir)
+            step(f"postgresql:   seven statements {seven:.0f} tps, one call {one_call:.0f} tps")
+            procs.env["DATABASE_URL"] = server.url
+            line = worker_line(procs, replace(base, database_url=server.url), args.events, "postgresql")
+            result["postgresql"] = {"pgbench_seven_statements_tps": round(seven, 1),
+                                    "pgbench_one_call_tps": round(one_call, 1), "line": line,
+                                    "line_to_one_call": round(line["new_eps"] / one_call, 3),
+                                    "line_to_seven_statements": round(line["new_eps"] / seven, 3)}
+        if "sqlite" in args.databases:
+            url = f"sqlite:///{workdir / 'voice.db'}"
+            migrate(url, redis_server.url)
+            step(f"sqlite: a plain sqlite3 loop of the same statements, {args.seconds} s")
+            loop = sqlite_loop(workdir / "voice.db", args.seconds)
+            step(f"sqlite:   {loop:.0f} transactions/s")
+            procs.env["DATABASE_URL"] = url
+            line = worker_line(procs, replace(base, database_url=url), args.events, "sqlite")
+            result["sqlite"] = {"sqlite3_loop_tps": round(loop, 1), "line": line,
+                                "line_to_loop": round(line["new_eps"] / loop, 3)}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        command = (f".venv/bin/python -m bench.worker_floor --events {args.events} --seconds {args.seconds} "
+                   f"--databases {args.databases}")
+        write_result(args.out, "worker-floor", command, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
