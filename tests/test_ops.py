@@ -77,4 +77,8 @@ def test_openapi_error_bodies_are_documented(client: FlaskClient) -> None:
     assert set(webhook) == {"200", "400", "401", "403", "408", "413", "415", "503"}
     assert "Retry-After" in webhook["503"]["headers"]
     recording = document["paths"]["/api/v1/voice/recordings/{recording_id}"]["get"]["responses"]
-    assert set(recording) == {"200", "401", "404"}
+    assert set(recording) == {"200", "401", "404", "503"}
+    for path in ("/api/v1/voice/recordings", "/api/v1/voice/recordings/{recording_id}",
+                 "/api/v1/voice/recordings/{recording_id}/events", "/api/v1/voice/changes"):
+        unavailable = document["paths"][path]["get"]["responses"]["503"]
+        assert "Retry-After" in unavailable["headers"], path  # what a read answers while the database cannot

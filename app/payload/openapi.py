@@ -175,6 +175,10 @@ _BEARER_FAIL = _json(
 )
 _BAD_QUERY = _json(_ref(Error), "A query parameter is malformed")
 _NOT_FOUND = _json(_ref(Error), "Unknown recording")
+_DATABASE_UNAVAILABLE = _json(_ref(Error), "The database cannot answer now (down, a statement or lock timeout, "
+                              "SQLite busy); retry", _RETRY_AFTER)
+_FEED_UNAVAILABLE = _json(_ref(Error), "The database cannot answer now, or this connection reached a standby "
+                          "(the feed is served by the primary only); retry", _RETRY_AFTER)
 _RECORDING_ID = {"name": "recording_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 _PATHS: dict[str, Any] = {
@@ -225,6 +229,7 @@ _PATHS: dict[str, Any] = {
                 "200": _json(_ref(RecordingList), "A page of recordings"),
                 "400": _BAD_QUERY,
                 "401": _BEARER_FAIL,
+                "503": _DATABASE_UNAVAILABLE,
             },
         }
     },
@@ -238,6 +243,7 @@ _PATHS: dict[str, Any] = {
                 "200": _json(_ref(Recording), "The recording"),
                 "401": _BEARER_FAIL,
                 "404": _NOT_FOUND,
+                "503": _DATABASE_UNAVAILABLE,
             },
         }
     },
@@ -251,6 +257,7 @@ _PATHS: dict[str, Any] = {
                 "200": _json(_ref(EventList), "The events"),
                 "401": _BEARER_FAIL,
                 "404": _NOT_FOUND,
+                "503": _DATABASE_UNAVAILABLE,
             },
         }
     },
@@ -271,6 +278,7 @@ _PATHS: dict[str, Any] = {
                 "200": _json(_ref(ChangeList), "A page of changes"),
                 "400": _BAD_QUERY,
                 "401": _BEARER_FAIL,
+                "503": _FEED_UNAVAILABLE,
             },
         }
     },
