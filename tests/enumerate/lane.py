@@ -47,6 +47,8 @@ SERVICE_QUEUES = ("voice-webhooks", "voice-replays")
 # The sweeper runs every max(5, PENDING_REDELIVERY_SECONDS / 4) s; 5 is the smallest age allowed.
 REDELIVERY_SECONDS = 5
 READY_TIMEOUT = 60.0
+STUCK_LOG_TAIL = 10000  # characters of a stuck process's log in a harness error
+STACKS_CHARS = 12000  # characters of each of its stack dumps
 
 
 def pg_dsn(database: str) -> str:
@@ -257,8 +259,57 @@ class Lane:
         try:
             wait_for(applied, timeout=READY_TIMEOUT, interval=0.1)
         except TimeoutError:
-            raise TimeoutError(f"lane {self.name}: the worker never applied the warm-up event:\n"
-                               f"{self.log('worker')[-3000:]}") from None
+            log_tail = self.log("worker")[-STUCK_LOG_TAIL:]  # before the stacks are appended to it
+            raise TimeoutError(f"lane {self.name}: the worker never applied the warm-up event "
+                               f"{session} within {READY_TIMEOUT:.0f} s; the worker's log:\n{log_tail}\n"
+                               f"{self.stacks('worker')}") from None
+
+    def stacks(self, name: str) -> str:
+        """Where every thread of a live process is, for a harness error: Celery's own SIGUSR1
+        handler (a worker's threads by name, with their locals), the interceptor's faulthandler on
+        SIGUSR2 (written from C, so it answers even while the main thread is stuck where Python
+        cannot run a signal handler) and ``py-spy dump`` where it is installed."""
+        process = self.processes.get(name)
+        if process is None or process.poll() is not None:
+            return f"(no stacks: {name} is not running)"
+        parts = []
+        for sig, what in ((signal.SIGUSR1, "Celery's SIGUSR1 handler"), (signal.SIGUSR2, "faulthandler on SIGUSR2")):
+            if not _catches(process.pid, sig):  # its default action would end the process
+                parts.append(f"--- {what}: not installed in pid {process.pid}")
+                continue
+            parts.append(f"--- {what} (pid {process.pid}):\n{self._log_growth(name, process, sig)}")
+        spy = shutil.which("py-spy") or str(BIN / "py-spy")
+        if os.path.exists(spy):
+            try:
+                dumped = subprocess.run([spy, "dump", "--locals", "--pid", str(process.pid)], capture_output=True,
+                                        text=True, timeout=30)
+                dump = (dumped.stdout + dumped.stderr)[:STACKS_CHARS]
+                parts.append(f"--- py-spy dump (pid {process.pid}):\n{dump}")
+            except (OSError, subprocess.SubprocessError) as exc:
+                parts.append(f"--- py-spy dump failed: {exc!r}")
+        return "\n".join(parts)
+
+    def _log_growth(self, name: str, process: subprocess.Popen[bytes], sig: int) -> str:
+        """What the process writes to its log after ``sig``: until it stops growing (or 5 s)."""
+        path = self.workdir / f"{name}.log"
+        start = path.stat().st_size if path.exists() else 0
+        try:
+            os.kill(process.pid, sig)
+        except ProcessLookupError:
+            return "(the process is gone)"
+        deadline = time.monotonic() + 5
+        size, still = start, 0
+        while time.monotonic() < deadline and still < 5:  # 0.5 s without growth once it grew
+            time.sleep(0.1)
+            now = path.stat().st_size if path.exists() else 0
+            still = still + 1 if now == size and now > start else 0
+            size = now
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            text = handle.read().decode(errors="replace")
+        if not text:
+            return "(nothing written: the main thread never ran the handler)" if sig == signal.SIGUSR1 else "(nothing)"
+        return text[:STACKS_CHARS]
 
     def stop(self) -> None:
         with contextlib.ExitStack() as stops:
@@ -392,6 +443,18 @@ class Lane:
             return False  # not known to be idle
         counts = dict(line.split()[:2] for line in listed.stdout.splitlines() if len(line.split()) >= 2)
         return all(int(counts.get(queue, "0")) == 0 for queue in SERVICE_QUEUES)
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether the process has a handler for ``sig`` (``SigCgt`` in /proc/<pid>/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def _b64(text: str) -> bytes:

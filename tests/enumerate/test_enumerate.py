@@ -106,6 +106,57 @@ def test_the_interceptor_reads_packed_commands_and_task_messages() -> None:
         == "db SELECT voice_recordings FOR UPDATE"
 
 
+# Run with the interceptor armed on the worker role, a refusal struck on its first publish: the
+# path's later publishes are refused too, Celery's own events are not the path's and go through.
+_REFUSING_THEN_HEARTBEAT = """
+import json, os, sys
+import amqp, sitecustomize
+from amqp.exceptions import MessageNacked
+
+plan = {"trace": sys.argv[2], "fault": {"step": 0, "label": "amqp basic_publish enum-refused", "occurrence": 1,
+                                        "kind": "refuse"}, "db": None}
+vhost = sys.argv[1].rsplit("/", 1)[1]
+conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest", virtual_host=vhost, confirm_publish=True)
+conn.connect()
+channel = conn.channel()
+channel.exchange_declare("celeryev", "topic", durable=True, auto_delete=False)
+sitecustomize.STATE.arm(plan, "enum-l0-0123456789")
+outcomes = []
+for exchange, key in (("", "enum-refused"), ("", "enum-refused"), ("celeryev", "worker.heartbeat")):
+    try:
+        channel.basic_publish(amqp.Message(b"{}"), exchange=exchange, routing_key=key)
+        outcomes.append("confirmed")
+    except MessageNacked:
+        outcomes.append("nacked")
+sitecustomize.STATE.end("done")
+conn.close()
+print(json.dumps(outcomes))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_refusing_broker_refuses_the_path_not_celerys_own_events(tmp_path: Path) -> None:
+    """The worker's heartbeat can fall due on the armed thread before the path's deferred reject;
+    refused, Celery's unlimited retries of it never returned and the worker stopped taking work."""
+    import subprocess
+    import sys
+
+    from tests.support import rabbitmq_vhost
+
+    trace = tmp_path / "path.trace"
+    env = {**os.environ, "PYTHONPATH": str(INJECT), "VOICE_ENUM": json.dumps({"role": "worker", "dir": str(tmp_path)})}
+    with rabbitmq_vhost() as broker_url:
+        done = subprocess.run([sys.executable, "-c", _REFUSING_THEN_HEARTBEAT, broker_url, str(trace)], env=env,
+                              capture_output=True, text=True, timeout=45)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == ["nacked", "nacked", "confirmed"]
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert [r["label"] for r in records if r["event"] == "step"] == ["amqp basic_publish enum-refused"] * 2
+    assert [r["what"] for r in records if r["event"] == "outside"] == ["amqp publish worker.heartbeat"]
+    # Nothing of it counted as the path's: the one frame no step covers is the path's confirm.select.
+    assert [r["what"] for r in records if r["event"] == "side"] == ["amqp (85, 10)"]
+
+
 @pytest.mark.timeout(30)
 def test_kills_that_leave_the_same_state_are_run_once() -> None:
     """'after k' and 'before k+1' share a run only where no broker frame came between them."""

@@ -13,7 +13,8 @@ holds a JSON plan. It wraps the clients, never the service's code:
   invalidates the connection as it does for a server that went away. What SQLAlchemy runs while
   it opens a connection is not a step.
 - py-amqp: ``Channel._basic_publish``, the publisher-confirm wait, ``basic_ack``,
-  ``basic_reject``/``basic_nack`` and ``_on_basic_deliver``.
+  ``basic_reject``/``basic_nack`` and ``_on_basic_deliver``. Celery's own events and remote
+  control (``MONITORING_EXCHANGES``) are never the path's: passed through, noted as "outside".
 
 A path is armed (its calls are numbered from 0) in one of three ways, per process role:
 
@@ -56,6 +57,18 @@ MARKER_HEADER = "HTTP_X_ENUM_MARKER"
 # Session ids the harness makes: "enum-<lane>-<hex>". Found in task messages' argsrepr and bodies.
 MARKER = re.compile(rb"enum-[a-z0-9]+-[0-9a-f]{10}")
 _HEX_TAIL = re.compile(r"[0-9a-f]{16,}|[0-9a-f-]{32,}")
+# Celery's own exchanges: its events (the worker-heartbeat every 2 s, task events) and remote
+# control. The worker sends them from its event loop's timers, on the thread that runs the path, so
+# one may fall due while a worker path is armed: Celery sends a task's ack or reject with
+# hub.call_soon, and when the delivery was read by kombu's reader from the ready list (it queues
+# itself again after every frame it reads), that ack or reject waits for the next batch, after the
+# timers due. They are not the path's calls (which of them a run meets depends on timing), and a
+# broker that refuses a queue's messages still takes them (no queue is bound to celeryev unless a
+# monitor listens). Numbered, a struck refusal refused them too, and Celery publishes the heartbeat
+# with retry=True and no retry policy (kombu's ensure() without a limit): the worker reconnected
+# and published it again forever, the deferred reject never went out, the path never ended and
+# the worker took no other message (the harness error "the worker never applied the warm-up event").
+MONITORING_EXCHANGES = frozenset({"celeryev", "celery.pidbox", "reply.celery.pidbox"})
 
 
 class _State:
@@ -128,8 +141,24 @@ class _State:
         return scope()
 
     def mine(self) -> bool:
-        """Whether the calling thread runs the armed path (and is not opening a connection)."""
-        return self.armed and self.thread == threading.get_ident() and not getattr(self.local, "connecting", 0)
+        """Whether the calling thread runs the armed path (and is not opening a connection, nor
+        sending Celery's own monitoring events)."""
+        return self.armed and self.thread == threading.get_ident() and not getattr(self.local, "connecting", 0) \
+            and not getattr(self.local, "outside", 0)
+
+    def outside_path(self) -> Any:
+        """While the armed thread makes a call that is not the path's (see ``MONITORING_EXCHANGES``):
+        it is passed through, never numbered, faulted or refused (the trace notes it as
+        "outside", which the engine ignores)."""
+        @contextlib.contextmanager
+        def scope() -> Any:
+            self.local.outside = getattr(self.local, "outside", 0) + 1
+            try:
+                yield
+            finally:
+                self.local.outside -= 1
+
+        return scope()
 
     # --- steps ----------------------------------------------------------------------------
 
@@ -491,12 +520,17 @@ def _patch_amqp() -> None:
     from amqp.channel import Channel
 
     original_publish = Channel._basic_publish
+    original_publish_confirm = Channel.basic_publish_confirm
     original_wait = AbstractChannel.wait
     original_deliver = Channel._on_basic_deliver
 
     def _basic_publish(self: Any, msg: Any, exchange: str = "", routing_key: str = "", *args: Any,
                        **kwargs: Any) -> Any:
         state = STATE
+        if state is not None and exchange in MONITORING_EXCHANGES and state.mine():
+            state.write({"event": "outside", "after": state.index - 1, "what": f"amqp publish {routing_key}"})
+            with state.outside_path():
+                return original_publish(self, msg, exchange, routing_key, *args, **kwargs)
         if state is None or not state.mine():
             if state is not None and state.role == "web" and getattr(state.local, "request_marker", None):
                 result = original_publish(self, msg, exchange, routing_key, *args, **kwargs)
@@ -515,6 +549,19 @@ def _patch_amqp() -> None:
         if kind == "after":
             state.kill(index)
         return result
+
+    def basic_publish_confirm(self: Any, *args: Any, **kwargs: Any) -> Any:
+        """A publish with its confirm wait (a channel of a ``confirm_publish`` connection takes
+        this as its ``basic_publish`` when it is made): one of Celery's own events is outside the
+        path as a whole, its confirm and any frame it sends included."""
+        state = STATE
+        exchange = kwargs.get("exchange", args[1] if len(args) > 1 else "")
+        if state is not None and exchange in MONITORING_EXCHANGES and state.mine():
+            routing_key = kwargs.get("routing_key", args[2] if len(args) > 2 else "")
+            state.write({"event": "outside", "after": state.index - 1, "what": f"amqp publish {routing_key}"})
+            with state.outside_path():
+                return original_publish_confirm(self, *args, **kwargs)
+        return original_publish_confirm(self, *args, **kwargs)
 
     def _note_sent(state: _State, msg: Any) -> None:
         marker = getattr(state.local, "request_marker", None)
@@ -603,6 +650,7 @@ def _patch_amqp() -> None:
     AbstractChannel.send_method = send_method
     Channel._basic_publish = _basic_publish
     Channel.basic_publish = _basic_publish
+    Channel.basic_publish_confirm = basic_publish_confirm
     AbstractChannel.wait = wait
     Channel._on_basic_deliver = _on_basic_deliver
 
@@ -669,6 +717,17 @@ def _note_web_sends() -> None:
     AbstractConnection.read_response = read_response
 
 
+def _dump_stacks_on_signal() -> None:
+    """SIGUSR2 writes every thread's stack to stderr (the process's log), from C: it answers even
+    while the main thread is stuck where Python cannot run a signal handler (the harness sends it
+    to a process that stopped answering, tests.enumerate.lane.Lane.stacks)."""
+    import faulthandler
+    import sys
+
+    with contextlib.suppress(AttributeError, ValueError, OSError, RuntimeError):  # no usable stderr
+        faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True, chain=False)
+
+
 def _install() -> None:
     raw = os.environ.get(PLAN_ENV)
     if not raw:
@@ -687,6 +746,7 @@ def _install() -> None:
 def _patch(config: dict[str, Any]) -> None:
     global STATE
     STATE = _State(config)
+    _dump_stacks_on_signal()
     _patch_redis()
     _patch_sqlalchemy()
     _patch_amqp()
