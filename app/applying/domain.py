@@ -8,14 +8,15 @@ events, so the result equals applying the events in arrival order.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import false, select
-from sqlalchemy.orm import Session, joinedload
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy import bindparam, false, select
+from sqlalchemy.orm import Session, joinedload, make_transient_to_detached
+from sqlalchemy.orm.util import identity_key
 
 from app.applying.hooks import stage as stage_hook
 from app.base.timeutil import order_key, utcnow
@@ -189,20 +190,17 @@ def stage_event(
     outcome = APPLIED if changed else NO_EFFECT
     if changed:
         _announce(session, recording, url_before)
-    session.add(
-        WebhookEvent(
-            recording_id=event.session_id,
-            fingerprint=fingerprint,
-            received_at=received_at,
-            phone_number=event.phone_number,
-            status=event.status,
-            duration=event.duration,
-            recording_url=event.recording_url,
-            outcome=outcome,
-            payload=event.payload,
-        )
-    )
+    # A plain INSERT: nothing in this transaction reads the row back as an object, and the unit of
+    # work's bookkeeping for it cost more CPU than the statement.
+    session.execute(_EVENT_INSERT, {
+        "recording_id": event.session_id, "fingerprint": fingerprint, "received_at": received_at,
+        "phone_number": event.phone_number, "status": event.status, "duration": event.duration,
+        "recording_url": event.recording_url, "outcome": outcome, "payload": event.payload,
+    })
     return outcome, True
+
+
+_EVENT_INSERT = WebhookEvent.__table__.insert()
 
 
 def _rebuild_from_events(session: Session, recording: VoiceRecording, now: datetime) -> bool:
@@ -237,24 +235,40 @@ def _lock_recording(
     copy's arrival time, in one statement that starts after the lock is held: under READ
     COMMITTED its snapshot then holds whatever the lock's previous holder committed.
     """
-    insert = dialect_insert(session.connection().dialect.name)(VoiceRecording)
+    upsert, read = _lock_statements(session.connection().dialect.name)
+    created = session.execute(upsert, {"rid": event.session_id, "received_at": received_at, "now": now}).first()
+    if created is not None and identity_key(VoiceRecording, event.session_id) not in session.identity_map:
+        # The row as the statement wrote it, made the session's without reading it back.
+        recording = VoiceRecording(id=event.session_id, status="", status_key="", duration=None, recording_url=None,
+                                   url_key=None, created_at=received_at, processed_at=now, change_position=0)
+        recording.participants = []
+        make_transient_to_detached(recording)
+        session.add(recording)
+        return recording, None
+    recording, received = session.execute(read, {"rid": event.session_id, "fp": event.fingerprint}).unique().one()
+    return recording, received
+
+
+@functools.cache
+def _lock_statements(dialect: str) -> tuple[Any, Any]:
+    """``_lock_recording``'s two statements, built once per dialect (building them, the upsert's
+    ``excluded`` alias above all, cost more CPU than running them)."""
+    table = VoiceRecording.__table__
+    insert = dialect_insert(dialect)(table)
     upsert = (
-        insert.values(id=event.session_id, status="", status_key="", created_at=received_at, processed_at=now)
+        insert.values(id=bindparam("rid"), status="", status_key="", created_at=bindparam("received_at"),
+                      processed_at=bindparam("now"), change_position=0)
         .on_conflict_do_update(index_elements=["id"], set_={"id": insert.excluded.id}, where=false())
-        .returning(VoiceRecording)
+        .returning(table.c.id)
     )
-    created = session.scalars(upsert, execution_options={"populate_existing": True}).first()
-    if created is not None:
-        set_committed_value(created, "participants", [])
-        return created, None
-    stored_at = select(WebhookEvent.received_at).where(WebhookEvent.fingerprint == event.fingerprint)
-    recording, received = session.execute(
+    stored_at = select(WebhookEvent.received_at).where(WebhookEvent.fingerprint == bindparam("fp"))
+    read = (
         select(VoiceRecording, stored_at.scalar_subquery())
-        .where(VoiceRecording.id == event.session_id)
+        .where(VoiceRecording.id == bindparam("rid"))
         .options(joinedload(VoiceRecording.participants))
         .execution_options(populate_existing=True)
-    ).unique().one()
-    return recording, received
+    )
+    return upsert, read
 
 
 # The supported databases; both have INSERT ... ON CONFLICT DO NOTHING.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from typing import Any
 
@@ -46,14 +47,17 @@ START: Position = (-1, "")  # before every recording (positions start at 0)
 
 def mark_changed(session: Session, recording: VoiceRecording) -> None:
     """Move a recording to the feed's end, in the transaction that changes it (evaluated at flush)."""
-    if session.connection().dialect.name == "postgresql":
-        recording.change_position = cast(cast(func.pg_current_xact_id(), Text), BigInteger)  # type: ignore[assignment]
-    else:
-        # An alias, so the subquery reads the whole table instead of correlating with the updated row.
-        latest = VoiceRecording.__table__.alias("latest")
-        recording.change_position = (  # type: ignore[assignment]
-            select(func.coalesce(func.max(latest.c.change_position), 0) + 1).scalar_subquery()
-        )
+    recording.change_position = _next_position(session.connection().dialect.name)  # type: ignore[assignment]
+
+
+@functools.cache
+def _next_position(dialect: str) -> Any:
+    """The SQL a change's position is (built once per dialect: an expression is immutable)."""
+    if dialect == "postgresql":
+        return cast(cast(func.pg_current_xact_id(), Text), BigInteger)
+    # An alias, so the subquery reads the whole table instead of correlating with the updated row.
+    latest = VoiceRecording.__table__.alias("latest")
+    return select(func.coalesce(func.max(latest.c.change_position), 0) + 1).scalar_subquery()
 
 
 def read_changes(session: Session, after: Position, limit: int) -> list[tuple[Position, dict[str, Any]]]:
