@@ -79,12 +79,13 @@ def children(pid: int) -> list[int]:
 
 
 class Processes:
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
-        self.workdir, self.env, self.running = workdir, env, {}
+    def __init__(self, workdir: Path, env: dict[str, str], cwd: Path = ROOT) -> None:
+        """``cwd``: the checkout whose service the processes run (``python -m worker`` imports from it)."""
+        self.workdir, self.env, self.running, self.cwd = workdir, env, {}, cwd
 
     def start(self, name: str, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
-        process = subprocess.Popen(argv, cwd=ROOT, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(argv, cwd=self.cwd, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         self.running[name] = process
         return process

@@ -4,6 +4,8 @@ writes an event makes.
 
     .venv/bin/python -m bench.worker_floor --out bench/results/DATE-worker-floor-LABEL.json
     .venv/bin/python -m bench.worker_floor --events 600 --seconds 5 --databases sqlite   # quick look
+    git worktree add /tmp/before COMMIT && ln -s $PWD/.venv /tmp/before/.venv
+    .venv/bin/python -m bench.worker_floor --before /tmp/before --turns 3   # before and after, one run
 
 - **PostgreSQL** (a server of the bench's own, fsync on: a commit is a flush, as in production):
   pgbench with 2 clients doing one new event's writes as seven statements and as one server-side
@@ -25,6 +27,8 @@ import json
 import os
 import re
 import sqlite3
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -86,7 +90,8 @@ def line_processes() -> int:
 
 def worker_line(procs: Processes, settings: Settings, n: int, label: str) -> dict[str, Any]:
     processes = line_processes()
-    batch = events(n, f"{label}{time.time_ns()}")
+    tag = label.replace(" ", "-")
+    batch = events(n, f"{tag}{time.time_ns()}")
     step(f"{label}: the worker line ({processes} processes) draining {n} queued new events")
     new, rss = worker_rate(procs, settings, batch, processes, LOG_LEVEL="INFO")
     step(f"{label}:   {new:.0f} new events/s; the same events again as duplicates")
@@ -96,11 +101,42 @@ def worker_line(procs: Processes, settings: Settings, n: int, label: str) -> dic
             "duplicates_per_new": round(dup / new, 2), "peak_rss_mb": rss}
 
 
+def lines(procs: Processes, settings: Settings, n: int, database: str, before: Path | None,
+          turns: int) -> dict[str, Any]:
+    """This checkout's worker line, and with ``before`` that checkout's too, in alternating turns
+    against the same database; each figure the median of its turns."""
+    sides = {"line": procs.cwd, **({"before": before} if before else {})}
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+    for turn in range(turns):
+        for side, root in sides.items():
+            procs.cwd = root
+            runs[side].append(worker_line(procs, settings, n, f"{database} {side} {turn + 1}/{turns}"))
+    procs.cwd = sides["line"]
+    out: dict[str, Any] = {}
+    for side, got in runs.items():
+        new = statistics.median(r["new_eps"] for r in got)
+        dup = statistics.median(r["duplicate_eps"] for r in got)
+        out[side] = {**got[0], "new_eps": round(new, 1), "duplicate_eps": round(dup, 1),
+                     "duplicates_per_new": round(dup / new, 2), "peak_rss_mb": max(r["peak_rss_mb"] for r in got),
+                     "turns": [{"new_eps": r["new_eps"], "duplicate_eps": r["duplicate_eps"]} for r in got]}
+    if before:
+        out["before_root_commit"] = _commit_of(before)
+    return out
+
+
+def _commit_of(root: Path) -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=3000, help="queued new events per drain")
     parser.add_argument("--seconds", type=int, default=10, help="each pgbench run and the sqlite3 loop")
     parser.add_argument("--databases", default="postgresql,sqlite")
+    parser.add_argument("--before", type=Path, help="another checkout of the service (an earlier commit): its "
+                        "worker line is measured too, in turns with this one's, against the same database")
+    parser.add_argument("--turns", type=int, default=1, help="alternating turns of the worker lines")
     parser.add_argument("--out", type=Path, help="also write the result here")
     args = parser.parse_args()
     result: dict[str, Any] = {"events": args.events, "seconds": args.seconds}
@@ -126,11 +162,13 @@ def main() -> int:
             one_call = pgbench(server, ONE_CALL, args.seconds, workdir)
             step(f"postgresql:   seven statements {seven:.0f} tps, one call {one_call:.0f} tps")
             procs.env["DATABASE_URL"] = server.url
-            line = worker_line(procs, replace(base, database_url=server.url), args.events, "postgresql")
+            got = lines(procs, replace(base, database_url=server.url), args.events, "postgresql", args.before,
+                        args.turns)
             result["postgresql"] = {"pgbench_seven_statements_tps": round(seven, 1),
-                                    "pgbench_one_call_tps": round(one_call, 1), "line": line,
-                                    "line_to_one_call": round(line["new_eps"] / one_call, 3),
-                                    "line_to_seven_statements": round(line["new_eps"] / seven, 3)}
+                                    "pgbench_one_call_tps": round(one_call, 1), **got,
+                                    **{f"{side}_to_one_call": round(got[side]["new_eps"] / one_call, 3)
+                                       for side in ("line", "before") if side in got},
+                                    "line_to_seven_statements": round(got["line"]["new_eps"] / seven, 3)}
         if "sqlite" in args.databases:
             url = f"sqlite:///{workdir / 'voice.db'}"
             migrate(url, redis_server.url)
@@ -138,13 +176,15 @@ def main() -> int:
             loop = sqlite_loop(workdir / "voice.db", args.seconds)
             step(f"sqlite:   {loop:.0f} transactions/s")
             procs.env["DATABASE_URL"] = url
-            line = worker_line(procs, replace(base, database_url=url), args.events, "sqlite")
-            result["sqlite"] = {"sqlite3_loop_tps": round(loop, 1), "line": line,
-                                "line_to_loop": round(line["new_eps"] / loop, 3)}
+            got = lines(procs, replace(base, database_url=url), args.events, "sqlite", args.before, args.turns)
+            result["sqlite"] = {"sqlite3_loop_tps": round(loop, 1), **got,
+                                **{f"{side}_to_loop": round(got[side]["new_eps"] / loop, 3)
+                                   for side in ("line", "before") if side in got}}
     print(json.dumps(result, indent=2))
     if args.out:
         command = (f".venv/bin/python -m bench.worker_floor --events {args.events} --seconds {args.seconds} "
-                   f"--databases {args.databases}")
+                   f"--databases {args.databases} --turns {args.turns}"
+                   + (f" --before CHECKOUT-AT-{_commit_of(args.before)}" if args.before else ""))
         write_result(args.out, "worker-floor", command, result)
     return 0
 
