@@ -33,7 +33,7 @@ SERVICE_ROOT = Path(os.environ.get("ENUM_SERVICE_ROOT") or ROOT).resolve()
 # 540 s on a quiet machine, and near 900 s with both cores kept busy by other work.
 ENUMERATION_SECONDS = 1500
 # Calls each path makes at least, today: a recording that saw fewer missed part of the path.
-MIN_STEPS = {"webhook-redis": 1, "webhook-rabbitmq": 2, "apply-redis": 15, "apply-rabbitmq": 15,
+MIN_STEPS = {"webhook-redis": 1, "webhook-rabbitmq": 2, "apply-redis": 11, "apply-rabbitmq": 11,
              "retry-redis": 6, "retry-rabbitmq": 6, "deadletter-redis": 5, "deadletter-rabbitmq": 5,
              "drain": 4, "replay": 5, "hook-redis": 20, "sweep": 4, "prune": 4}
 
