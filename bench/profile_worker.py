@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -122,6 +123,7 @@ def main() -> int:
         redis_server.stop()
         if postgres:
             postgres.remove()
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
