@@ -129,6 +129,63 @@ def _commit_of(root: Path) -> str:
     return done.stdout.strip()
 
 
+DOC = ROOT / "docs" / "performance.md"
+DOC_BLOCK = re.compile(r"<!-- worker-floor -->.*<!-- /worker-floor -->", re.S)
+
+
+def doc_table(data: dict[str, Any]) -> str:
+    """docs/performance.md's before-and-after table, from a result file of a ``--before`` run."""
+    pg, sq = data["postgresql"], data["sqlite"]
+
+    def f(value: float, digits: int = 1) -> str:
+        return f"{value:,.{digits}f}"
+
+    def dup(side: dict[str, Any]) -> str:
+        return f"{f(side['duplicate_eps'])} ({side['duplicates_per_new']:.2f}x)"
+
+    lines = [
+        f"| | before ({pg['before_root_commit']}) | after ({data['commit']}) | goal |",
+        "|---|---|---|---|",
+        f"| PostgreSQL: new events/s through the worker line | {f(pg['before']['new_eps'])} | "
+        f"**{f(pg['line']['new_eps'])}** | |",
+        f"| ÷ pgbench, one server-side call ({f(pg['pgbench_one_call_tps'])} tps) | {pg['before_to_one_call']:.3f} | "
+        f"**{pg['line_to_one_call']:.3f}** | ≥ 0.25{'' if pg['line_to_one_call'] >= 0.25 else ' — not met'} |",
+        f"| ÷ pgbench, seven statements ({f(pg['pgbench_seven_statements_tps'])} tps) | "
+        f"{pg['before']['new_eps'] / pg['pgbench_seven_statements_tps']:.3f} | "
+        f"{pg['line_to_seven_statements']:.3f} | |",
+        f"| duplicates/s (÷ new) | {dup(pg['before'])} | {dup(pg['line'])} | ≥ 5x |",
+        f"| SQLite: new events/s through the worker line | {f(sq['before']['new_eps'])} | "
+        f"**{f(sq['line']['new_eps'])}** | |",
+        f"| ÷ the plain `sqlite3` loop ({f(sq['sqlite3_loop_tps'])} tps) | {sq['before_to_loop']:.3f} | "
+        f"**{sq['line_to_loop']:.3f}** | ≥ 0.25{'' if sq['line_to_loop'] >= 0.25 else ' — not met'} |",
+        f"| duplicates/s (÷ new) | {dup(sq['before'])} | {dup(sq['line'])} | ≥ 5x |",
+    ]
+    return "<!-- worker-floor -->\n" + "\n".join(lines) + "\n<!-- /worker-floor -->"
+
+
+def doc(mode: str) -> int:
+    """Print, check or write docs/performance.md's table from the newest worker-floor result."""
+    from bench.capacity import newest
+
+    _path, data = newest("worker-floor")
+    generated = doc_table(data)
+    if mode == "print":
+        print(generated)
+        return 0
+    text = DOC.read_text()
+    found = DOC_BLOCK.search(text)
+    if found is None:
+        print(f"{DOC} has no worker-floor markers", file=sys.stderr)
+        return 1
+    if mode == "check":
+        if found.group(0) != generated:
+            print(f"{DOC} differs from `python -m bench.worker_floor --doc print`: run --doc write", file=sys.stderr)
+            return 1
+        return 0
+    DOC.write_text(text[:found.start()] + generated + text[found.end():])
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=3000, help="queued new events per drain")
@@ -138,7 +195,11 @@ def main() -> int:
                         "worker line is measured too, in turns with this one's, against the same database")
     parser.add_argument("--turns", type=int, default=1, help="alternating turns of the worker lines")
     parser.add_argument("--out", type=Path, help="also write the result here")
+    parser.add_argument("--doc", choices=("print", "check", "write"),
+                        help="no measuring: docs/performance.md's table from the newest result file")
     args = parser.parse_args()
+    if args.doc:
+        return doc(args.doc)
     result: dict[str, Any] = {"events": args.events, "seconds": args.seconds}
     workdir = Path(tempfile.mkdtemp(prefix="voice-floor-"))
     workdir.chmod(0o755)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import capacity
+from bench import capacity, worker_floor
 from tests.support import ROOT
 
 
@@ -32,3 +32,24 @@ def test_the_check_fails_on_a_page_with_one_figure_changed(tmp_path: Path, monke
     monkeypatch.setattr(sys, "argv", ["capacity", "--write"])
     assert capacity.main() == 0  # --write puts the computed tables back
     assert capacity.DOC.read_text() == page
+
+
+def test_the_worker_floor_table_is_what_bench_worker_floor_prints() -> None:
+    """docs/performance.md's before-and-after table of the worker against its database is
+    `python -m bench.worker_floor --doc print`'s, from the newest worker-floor result file."""
+    done = subprocess.run([sys.executable, "-m", "bench.worker_floor", "--doc", "check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    page = worker_floor.DOC.read_text()
+    assert page.count("<!-- worker-floor -->") == 1
+
+
+def test_the_worker_floor_check_fails_on_an_edited_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    page = worker_floor.DOC.read_text()
+    changed = page.replace("| PostgreSQL: new events/s", "| PostgreSQL: new events/s (edited)", 1)
+    assert changed != page
+    monkeypatch.setattr(worker_floor, "DOC", tmp_path / "performance.md")
+    worker_floor.DOC.write_text(changed)
+    assert worker_floor.doc("check") == 1
+    assert worker_floor.doc("write") == 0
+    assert worker_floor.DOC.read_text() == page
