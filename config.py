@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 INSTANCE_DIR = Path(__file__).resolve().parent / "instance"
 DEFAULT_DATABASE_URL = f"sqlite:///{INSTANCE_DIR / 'voice.db'}"
@@ -49,6 +49,17 @@ class SentinelURL:
     password: str | None = field(default=None, repr=False)
 
 
+def _host_port(parsed: SplitResult, default_port: int, what: str) -> tuple[str, int]:
+    """One server of a multi-server URL; ``what`` starts the error ("REDIS_URL has a sentinel")."""
+    try:
+        port = parsed.port or default_port
+    except ValueError:
+        raise ConfigError(f"{what} with a port that is not a number") from None
+    if not parsed.hostname:
+        raise ConfigError(f"{what} without a host")
+    return parsed.hostname, port
+
+
 def parse_sentinel_url(url: str, name: str = "REDIS_URL") -> SentinelURL:
     """The parts of a Sentinel URL; ``name`` is the variable an error names."""
     sentinels: list[tuple[str, int]] = []
@@ -59,13 +70,7 @@ def parse_sentinel_url(url: str, name: str = "REDIS_URL") -> SentinelURL:
         if not part.startswith(SENTINEL_SCHEME):
             raise ConfigError(f"{name} mixes sentinel:// with another scheme: every part must be sentinel://host:port")
         parsed = urlsplit(part)
-        try:
-            port = parsed.port or 26379
-        except ValueError:
-            raise ConfigError(f"{name} has a sentinel with a port that is not a number") from None
-        if not parsed.hostname:
-            raise ConfigError(f"{name} has a sentinel without a host")
-        sentinels.append((parsed.hostname, port))
+        sentinels.append(_host_port(parsed, 26379, f"{name} has a sentinel"))
         path = parsed.path.strip("/")
         if path:
             if not path.isdigit():
@@ -102,14 +107,7 @@ def parse_cluster_url(url: str, name: str = "REDIS_URL") -> ClusterURL:
     for part in (p.strip() for p in hosts.split(",")):
         if not part:
             continue
-        parsed = urlsplit(f"//{part}")
-        try:
-            port = parsed.port or 6379
-        except ValueError:
-            raise ConfigError(f"{name} has a cluster node with a port that is not a number") from None
-        if not parsed.hostname:
-            raise ConfigError(f"{name} has a cluster node without a host")
-        nodes.append((parsed.hostname, port))
+        nodes.append(_host_port(urlsplit(f"//{part}"), 6379, f"{name} has a cluster node"))
     if not nodes:
         raise ConfigError(f"{name} names no cluster node (redis+cluster://host:port[,host:port...])")
     return ClusterURL(tuple(nodes), unquote(username) or None, unquote(password) or None)

@@ -158,3 +158,13 @@ def test_min_replicas_is_refused_with_a_cluster() -> None:
 def test_bad_cluster_urls_name_the_variable(url: str, message: str) -> None:
     with pytest.raises(ConfigError, match=f"REDIS_URL.*{message}"):
         Settings.from_env({"REDIS_URL": url, "CELERY_BROKER_URL": RABBITMQ})
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("sentinel://127.0.0.1:x/0", "a sentinel with a port that is not a number"),
+    ("sentinel://:26379/0", "a sentinel without a host"),
+    ("sentinel://127.0.0.1:26379/x", "must end with a database number"),
+])
+def test_bad_sentinel_urls_name_the_variable(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"REDIS_URL.*{message}"):
+        Settings.from_env({"REDIS_URL": url})
