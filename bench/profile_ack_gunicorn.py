@@ -199,7 +199,9 @@ class Load:
                 out, _ = self.process.communicate()
                 non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
                 rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+                done = re.search(r"(\d+) requests in", out)
                 self.result = {"tool": "wrk -t2 -c32 bench/webhook.lua", "rps": float(rate.group(1)) if rate else 0.0,
+                               "requests": int(done.group(1)) if done else None,
                                "non_2xx": int(non_2xx.group(1)) if non_2xx else 0}
             else:
                 from bench.loadgen import open_loop
@@ -230,12 +232,53 @@ class Load:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process so far (/proc/<pid>/stat), all its threads."""
+    user, system = cpu_split(pid)
+    return user + system
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process so far, in seconds, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def context_switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches so far, summed over the process's threads."""
+    voluntary = involuntary = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    voluntary += int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches:"):
+                    involuntary += int(line.split()[1])
+    return voluntary, involuntary
+
+
+def unprofiled(port: int, workers: list[int], seconds: int, query: str) -> dict[str, Any]:
+    """The same closed-loop load with no profiler attached: the worker processes' CPU per request
+    (user and kernel apart) and their threads' context switches per request. py-spy pauses a
+    process for each sample (without --nonblocking), which inflates both."""
+    before = {pid: (cpu_split(pid), context_switches(pid)) for pid in workers}
+    loaded = Load(port, seconds, 0.0, query).start().wait()
+    requests = max(loaded.get("requests") or loaded["rps"] * seconds, 1)
+    user = system = voluntary = involuntary = 0.0
+    for pid, ((user0, system0), (voluntary0, involuntary0)) in before.items():
+        (user1, system1), (voluntary1, involuntary1) = cpu_split(pid), context_switches(pid)
+        user, system = user + user1 - user0, system + system1 - system0
+        voluntary, involuntary = voluntary + voluntary1 - voluntary0, involuntary + involuntary1 - involuntary0
+    return {"seconds": seconds, "load": loaded, "requests": round(requests),
+            "cpu_us_per_request": round((user + system) / requests * 1e6, 1),
+            "user_us_per_request": round(user / requests * 1e6, 1),
+            "system_us_per_request": round(system / requests * 1e6, 1),
+            "voluntary_switches_per_request": round(voluntary / requests, 2),
+            "involuntary_switches_per_request": round(involuntary / requests, 2)}
 
 
 def profile_server(procs: Processes, workdir: Path, name: str, app: str, seconds: int, fallback_rate: float,
-                   idle: list[tuple[str, str]], gil: bool, blocking: bool, query: str) -> dict[str, Any]:
+                   idle: list[tuple[str, str]], gil: bool, blocking: bool, query: str,
+                   plain_seconds: int = 0) -> dict[str, Any]:
     """The Procfile's web line serving ``app`` under load; py-spy on each worker process."""
     line = procfile_command("web")
     if line.count("wsgi:app") != 1:
@@ -249,6 +292,16 @@ def profile_server(procs: Processes, workdir: Path, name: str, app: str, seconds
         wait_for(lambda: arbiter.poll() is None and answers(port, query), timeout=60, interval=0.2)
         workers = wait_for(lambda: len(children(arbiter.pid)) >= int(os.environ.get("WEB_CONCURRENCY", "2"))
                            and children(arbiter.pid), timeout=30)
+        plain: dict[str, Any] | None = None
+        if plain_seconds and shutil.which("wrk"):
+            step(f"{name}: gunicorn {arbiter.pid} on :{port}, workers {workers}; 3 s of warm-up, then "
+                 f"{plain_seconds} s unprofiled")
+            Load(port, 3, 0.0, query).start().wait()
+            plain = unprofiled(port, workers, plain_seconds, query)
+            step(f"{name}: unprofiled {plain['load']['rps']:.0f} req/s, {plain['cpu_us_per_request']:.0f} us CPU/req "
+                 f"(user {plain['user_us_per_request']:.0f}, kernel {plain['system_us_per_request']:.0f}), "
+                 f"{plain['voluntary_switches_per_request']:.2f} + {plain['involuntary_switches_per_request']:.2f} "
+                 f"context switches/req")
         step(f"{name}: gunicorn {arbiter.pid} on :{port}, workers {workers}; warming up, then {seconds} s under py-spy")
         load = Load(port, seconds + 4, fallback_rate, query).start()  # 2 s of warm-up before py-spy, 2 s after
         time.sleep(2)
@@ -299,6 +352,7 @@ def profile_server(procs: Processes, workdir: Path, name: str, app: str, seconds
         "idle": dict(found["idle"]),
         "other_leaves": found["other_leaves"],
         "top_leaves": found["top_leaves"],
+        "unprofiled": plain,
     }
     step(f"{name}: {loaded['rps']:.0f} req/s, {working} working samples, {result['idle_samples']} idle, "
          f"py-spy errors {result['py_spy']['errors']}")
@@ -334,7 +388,22 @@ def table(result: dict[str, Any]) -> str:
     if bare:
         bare_total = sum(f["us_per_request"] for f in bare["parts"].values())
         row += f" {100.0:7.1f}% {bare_total:7.0f} {total - bare_total:11.0f}"
-    lines += ["-" * len(header), row, "", "idle samples, excluded above:"]
+    lines += ["-" * len(header), row]
+    if all(run.get("unprofiled") for run in runs.values()):
+        lines += ["", f"unprofiled ({result['plain_seconds']} s of the same load, no py-spy attached): CPU per request "
+                      "and what the Python samples above leave unexplained"]
+        for name, run in runs.items():
+            plain = run["unprofiled"]
+            python = sum(f["us_per_request"] for f in run["parts"].values())
+            lines.append(f"  {name}: {plain['load']['rps']:.0f} req/s, {plain['cpu_us_per_request']:.0f} us/req "
+                         f"(user {plain['user_us_per_request']:.0f}, kernel {plain['system_us_per_request']:.0f}); "
+                         f"Python samples {python:.0f}, the rest {plain['cpu_us_per_request'] - python:.0f}; "
+                         f"context switches/req {plain['voluntary_switches_per_request']:.2f} voluntary, "
+                         f"{plain['involuntary_switches_per_request']:.2f} involuntary")
+        if bare:
+            ratio = bare["unprofiled"]["cpu_us_per_request"] / webhook["unprofiled"]["cpu_us_per_request"]
+            lines.append(f"  bare / webhook CPU per request: {ratio:.3f}")
+    lines += ["", "idle samples, excluded above:"]
     for name, run in runs.items():
         for what, count in sorted(run["idle"].items()):
             lines.append(f"  {name}: {what}: {count}")
@@ -364,6 +433,9 @@ def main() -> int:
                              "send the token on every request")
     parser.add_argument("--attempts", type=int, default=3,
                         help="profile a server again (a fresh gunicorn) when a py-spy crashed, up to this many times")
+    parser.add_argument("--plain-seconds", type=int, default=10,
+                        help="before py-spy, this many seconds of the same load unprofiled: CPU per request, user and "
+                             "kernel apart, and context switches (0: skip; needs wrk)")
     parser.add_argument("--out", type=Path, help="write the result here (bench.run.write_result, kind ack-profile)")
     args = parser.parse_args()
 
@@ -402,7 +474,7 @@ def main() -> int:
                 for attempt in range(1, args.attempts + 1):
                     try:
                         runs[name] = profile_server(procs, workdir, name, app, args.seconds, args.fallback_rate,
-                                                    idle, args.gil, args.blocking, query)
+                                                    idle, args.gil, args.blocking, query, args.plain_seconds)
                         runs[name]["attempt"] = attempt
                         break
                     except PySpyFailed as error:
@@ -415,7 +487,8 @@ def main() -> int:
         if redis_server is not None:
             redis_server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    result = {"broker": args.broker, "seconds": args.seconds, "rate": RATE, "gil": args.gil,
+    result = {"broker": args.broker, "seconds": args.seconds, "plain_seconds": args.plain_seconds, "rate": RATE,
+              "gil": args.gil,
               "blocking": args.blocking, "auth": args.auth,
               "log_level": args.log_level,
               "rules": [[part, list(needles)] for part, needles in RULES],

@@ -1,0 +1,197 @@
+"""The acknowledgement's server CPU per request against a bare Flask endpoint on the same gunicorn
+line, on each broker, in one run; with ``--before``, another checkout's webhook measured in the
+same turns, so a before and after is one run too.
+
+    .venv/bin/python -m bench.ack_cpu --out bench/results/DATE-ack-cpu.json
+    git worktree add /tmp/before COMMIT && ln -s $PWD/.venv /tmp/before/.venv
+    .venv/bin/python -m bench.ack_cpu --before /tmp/before --turns 5 --out ...   # before and after, one run
+    .venv/bin/python -m bench.ack_cpu --brokers redis --turns 1 --seconds 3      # a quick look
+
+What it starts, all stopped and removed at the end whatever happens: a redis-server of its own, a
+temp folder (SQLite database, metric files, logs), a virtual host of its own on the machine's
+RabbitMQ (deleted at the end), and side by side on free ports: gunicorn with gunicorn.conf.py
+serving this checkout's ``wsgi:app`` ("webhook"), ``bench.bare:app`` ("bare", the yardstick: it
+answers the webhook's JSON and does nothing else) and, with ``--before``, that checkout's
+``wsgi:app`` ("before"). Each turn loads each server in turn with wrk (2 threads, 32 connections,
+``bench/webhook.lua``: valid webhooks) for ``--seconds`` and reads its worker processes' CPU from
+/proc (utime and stime apart) and their threads' context switches over exactly that load, then
+divides by the requests wrk counted. Turns alternate the servers, so a burst of noise on this
+shared machine lands on every figure of a ratio; each figure is the median of its turns.
+
+After the turns, an open loop (``bench.loadgen``) at half the webhook's closed-loop maximum on each
+webhook server: the p99 the issue's goal names. Ratios are bare ÷ webhook CPU per request (the
+larger, the closer the webhook is to a bare endpoint) and webhook ÷ bare requests per second.
+Progress goes to stderr, the result (JSON) to stdout and to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen import open_loop
+from bench.profile_ack_gunicorn import URL_PATH, Load, answers, context_switches, cpu_split
+from bench.run import ROOT, Processes, body_for, children, step, write_result
+from tests.support import RedisServer, free_port, rabbitmq_vhost, wait_for
+
+BIN = Path(sys.executable).parent
+
+
+def _commit_of(checkout: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def one_turn(port: int, workers: list[int], seconds: int) -> dict[str, float]:
+    """One closed-loop load on one server: its worker processes' CPU and switches per request."""
+    before = {pid: (cpu_split(pid), context_switches(pid)) for pid in workers}
+    loaded = Load(port, seconds, 0.0, "").start().wait()
+    requests = max(loaded.get("requests") or loaded["rps"] * seconds, 1)
+    user = system = voluntary = involuntary = 0.0
+    for pid, ((user0, system0), (voluntary0, involuntary0)) in before.items():
+        (user1, system1), (voluntary1, involuntary1) = cpu_split(pid), context_switches(pid)
+        user, system = user + user1 - user0, system + system1 - system0
+        voluntary, involuntary = voluntary + voluntary1 - voluntary0, involuntary + involuntary1 - involuntary0
+    return {"rps": loaded["rps"], "requests": requests,
+            "cpu_us_per_request": (user + system) / requests * 1e6,
+            "user_us_per_request": user / requests * 1e6, "system_us_per_request": system / requests * 1e6,
+            "switches_per_request": (voluntary + involuntary) / requests}
+
+
+Side = tuple[Path, str, dict[str, str]]  # the checkout, the WSGI app gunicorn serves, environment of its own
+
+
+def measure(procs: Processes, sides: dict[str, Side], turns: int, seconds: int, open_seconds: int,
+            open_loop_for: list[str] | None = None) -> dict[str, Any]:
+    """Every side's server started at once, then measured in alternating turns; an open loop at half
+    its maximum on each side of ``open_loop_for`` (default: every side but "bare")."""
+    servers: dict[str, tuple[int, list[int]]] = {}
+    for name, (checkout, app, own_env) in sides.items():
+        port = free_port()
+        procs.cwd = checkout
+        metrics_dir = procs.workdir / f"metrics-{name}"
+        metrics_dir.mkdir(exist_ok=True)
+        process = procs.start(name, [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", app], PORT=str(port),
+                              HOST="127.0.0.1", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), **own_env)
+        wait_for(lambda port=port, process=process: process.poll() is None and answers(port, ""), timeout=60,
+                 interval=0.2)
+        workers = wait_for(lambda process=process: len(children(process.pid)) >= 2 and children(process.pid),
+                           timeout=30)
+        servers[name] = (port, workers)
+        Load(port, 2, 0.0, "").start().wait()  # warm up
+    procs.cwd = ROOT
+    got: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+    for turn in range(turns):
+        for name, (port, workers) in servers.items():
+            got[name].append(one_turn(port, workers, seconds))
+        step("turn {}/{}: {}".format(turn + 1, turns, ", ".join(
+            f"{name} {runs[-1]['cpu_us_per_request']:.0f} us/req at {runs[-1]['rps']:.0f} req/s"
+            for name, runs in got.items())))
+    out: dict[str, Any] = {}
+    for name, runs in got.items():
+        out[name] = {key: round(statistics.median(run[key] for run in runs), 2)
+                     for key in ("rps", "cpu_us_per_request", "user_us_per_request", "system_us_per_request",
+                                 "switches_per_request")}
+        out[name]["turns_cpu_us_per_request"] = [round(run["cpu_us_per_request"], 1) for run in runs]
+        out[name]["turns_rps"] = [round(run["rps"], 1) for run in runs]
+    for name in [name for name in servers if name != "bare"] if open_loop_for is None else open_loop_for:
+        port = servers[name][0]
+        rate = max(20.0, out[name]["rps"] / 2)
+        step(f"{name}: open loop at half its maximum, {rate:.0f} req/s for {open_seconds} s")
+        out[name]["open_50"] = open_loop(port, rate, open_seconds, body_for, path=URL_PATH)
+    bare = out["bare"]
+    for name in [name for name in servers if name != "bare"]:
+        out[name]["bare_to_webhook_cpu"] = round(bare["cpu_us_per_request"] / out[name]["cpu_us_per_request"], 3)
+        out[name]["webhook_to_bare_rps"] = round(out[name]["rps"] / bare["rps"], 3)
+    for name in list(servers):
+        procs.stop(name)
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = []
+    for broker, got in result["brokers"].items():
+        lines.append(f"broker {broker}: median of {result['turns']} alternating turns of {result['seconds']} s "
+                     f"(wrk -t2 -c32)")
+        lines.append(f"  {'server':8s} {'req/s':>7s} {'CPU us/req':>10s} {'user':>6s} {'kernel':>6s} "
+                     f"{'switches/req':>12s} {'bare/webhook CPU':>16s} {'p99 at half max':>16s}")
+        for name, figures in got.items():
+            ratio = f"{figures['bare_to_webhook_cpu']:.3f}" if "bare_to_webhook_cpu" in figures else ""
+            p99 = (f"{figures['open_50']['p99_ms']:.1f} ms @ {figures['open_50']['achieved_rps']:.0f}"
+                   if "open_50" in figures else "")
+            lines.append(f"  {name:8s} {figures['rps']:7.0f} {figures['cpu_us_per_request']:10.0f} "
+                         f"{figures['user_us_per_request']:6.0f} {figures['system_us_per_request']:6.0f} "
+                         f"{figures['switches_per_request']:12.2f} {ratio:>16s} {p99:>16s}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--brokers", nargs="+", choices=["redis", "rabbitmq"], default=["redis", "rabbitmq"])
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=6, help="each turn's load on each server")
+    parser.add_argument("--open-seconds", type=int, default=10, help="the open loop at half the maximum")
+    parser.add_argument("--before", type=Path, help="another checkout of the service (an earlier commit) whose "
+                                                    "webhook is measured in the same turns")
+    parser.add_argument("--out", type=Path, help="write the result here (bench.run.write_result, kind ack-cpu)")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is needed: bash bench/run.sh installs it (apt-get install wrk)")
+
+    def stop_on_signal(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)  # through every finally below: processes and folders cleaned up
+
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGHUP, stop_on_signal)
+    sides: dict[str, Side] = {"webhook": (ROOT, "wsgi:app", {}),
+                              **({"before": (args.before.resolve(), "wsgi:app", {})} if args.before else {}),
+                              "bare": (ROOT, "bench.bare:app", {})}
+    workdir = Path(tempfile.mkdtemp(prefix="voice-ack-cpu-"))
+    redis_server: RedisServer | None = None
+    procs: Processes | None = None
+    brokers: dict[str, Any] = {}
+    try:
+        redis_server = RedisServer(workdir / "redis").start()
+        env = {**os.environ, "DATABASE_URL": f"sqlite:///{workdir / 'voice.db'}", "REDIS_URL": redis_server.url,
+               "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "API_KEYS": "bench"}
+        for variable in ("CELERY_BROKER_URL", "WEBHOOK_TOKENS", "WEBHOOK_ALLOWED_IPS"):
+            env.pop(variable, None)
+        procs = Processes(workdir, env)
+        for broker in args.brokers:
+            step(f"broker {broker}: servers {', '.join(sides)}")
+            with contextlib.ExitStack() as resources:
+                procs.env.pop("CELERY_BROKER_URL", None)
+                if broker == "rabbitmq":
+                    procs.env["CELERY_BROKER_URL"] = resources.enter_context(rabbitmq_vhost())
+                brokers[broker] = measure(procs, sides, args.turns, args.seconds, args.open_seconds)
+    finally:
+        if procs is not None:
+            procs.stop_all()
+        if redis_server is not None:
+            redis_server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    result = {"turns": args.turns, "seconds": args.seconds, "open_seconds": args.open_seconds, "brokers": brokers,
+              **({"before_root_commit": _commit_of(args.before)} if args.before else {})}
+    print(table(result), file=sys.stderr)
+    print(json.dumps(result, indent=1))
+    if args.out:
+        command = " ".join([".venv/bin/python -m bench.ack_cpu", *sys.argv[1:]])
+        if args.before:
+            command = command.replace(str(args.before), f"CHECKOUT-AT-{result['before_root_commit']}")
+        write_result(args.out, "ack-cpu", command, result)
+        step(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""Where the acknowledgement's server CPU goes under gunicorn, accounted for by taking its parts
+away one at a time: each rung of the ladder is a server of its own (the Procfile's gunicorn line),
+all measured in the same alternating turns (``bench.ack_cpu``'s turn: wrk, then /proc's CPU per
+request), so every difference between two rungs is the CPU one part costs as the service runs it.
+
+    .venv/bin/python -m bench.ack_parts --out bench/results/DATE-ack-parts.json
+    .venv/bin/python -m bench.ack_parts --brokers redis --turns 1 --seconds 3      # a quick look
+
+The ladder (``bench.ack_variants``):
+
+1. bare: ``bench/bare.py``, Flask answering the webhook's JSON, nothing else;
+2. bare + one Redis round trip (a PING): what a round trip costs a bare endpoint;
+3. the service with no publish and no log line (LOG_LEVEL=WARNING): Flask with the service's
+   request hooks, the body's decoding and validation, the checks, the metrics, the answer;
+4. + the log line (LOG_LEVEL=INFO, as shipped);
+5. + one Redis round trip where the publish was (Redis broker only);
+6. the service as shipped: the real publish.
+
+Rung 6 - rung 5 is what publishing costs beyond its one round trip (building the task message,
+kombu's producer, the pending entry, the JSON); on RabbitMQ, rung 6 - rung 4 is the whole publish
+(a confirmed, persistent basic.publish). A profiler attached to the server inflates what it
+measures (py-spy pauses the process to sample) and the test client's profile sees each part alone,
+where under gunicorn a part costs more (cache, thread switches): this measures the parts in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.ack_cpu import Side, measure
+from bench.run import ROOT, Processes, step, write_result
+from tests.support import RedisServer, rabbitmq_vhost
+
+VARIANTS = "bench.ack_variants:app"
+QUIET = {"LOG_LEVEL": "WARNING"}
+
+
+def ladder(broker: str) -> dict[str, Side]:
+    rungs: dict[str, Side] = {
+        "bare": (ROOT, "bench.bare:app", {}),
+        "bare + round trip": (ROOT, "bench.ack_variants:bare_round_trip", {}),
+        "service, no publish, no log line": (ROOT, VARIANTS, {"VOICE_BENCH_VARIANT": "no-publish", **QUIET}),
+        "service, no publish": (ROOT, VARIANTS, {"VOICE_BENCH_VARIANT": "no-publish"}),
+    }
+    if broker == "redis":
+        rungs["service, a round trip for the publish"] = (ROOT, VARIANTS, {"VOICE_BENCH_VARIANT": "round-trip"})
+    rungs["service"] = (ROOT, "wsgi:app", {})
+    return rungs
+
+
+# (part, upper rung, lower rung): the part's CPU per request is the upper's minus the lower's.
+PARTS = [
+    ("a Redis round trip, in a bare endpoint", "bare + round trip", "bare"),
+    ("the service's Flask app: hooks, checks, decoding and validation, metrics, answer",
+     "service, no publish, no log line", "bare"),
+    ("the log line", "service, no publish", "service, no publish, no log line"),
+    ("a Redis round trip, in the service", "service, a round trip for the publish", "service, no publish"),
+    ("the publish beyond its round trip (task message, producer, pending entry, JSON)", "service",
+     "service, a round trip for the publish"),
+    ("the whole publish", "service", "service, no publish"),
+    ("the service over bare", "service", "bare"),
+]
+
+
+def parts(got: dict[str, Any]) -> dict[str, float]:
+    return {part: round(got[upper]["cpu_us_per_request"] - got[lower]["cpu_us_per_request"], 1)
+            for part, upper, lower in PARTS if upper in got and lower in got}
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = []
+    for broker, got in result["brokers"].items():
+        lines.append(f"broker {broker}: median of {result['turns']} alternating turns of {result['seconds']} s")
+        lines.append(f"  {'rung':40s} {'req/s':>7s} {'CPU us/req':>10s} {'user':>6s} {'kernel':>6s} {'switches':>8s}")
+        for name, figures in got["rungs"].items():
+            lines.append(f"  {name:40s} {figures['rps']:7.0f} {figures['cpu_us_per_request']:10.0f} "
+                         f"{figures['user_us_per_request']:6.0f} {figures['system_us_per_request']:6.0f} "
+                         f"{figures['switches_per_request']:8.2f}")
+        lines.append(f"  {'part':80s} {'CPU us/req':>10s}")
+        for part, value in got["parts"].items():
+            lines.append(f"  {part:80s} {value:10.0f}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--brokers", nargs="+", choices=["redis", "rabbitmq"], default=["redis", "rabbitmq"])
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=6, help="each turn's load on each server")
+    parser.add_argument("--out", type=Path, help="write the result here (bench.run.write_result, kind ack-parts)")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is needed: bash bench/run.sh installs it (apt-get install wrk)")
+
+    def stop_on_signal(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)  # through every finally below: processes and folders cleaned up
+
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGHUP, stop_on_signal)
+    workdir = Path(tempfile.mkdtemp(prefix="voice-ack-parts-"))
+    redis_server: RedisServer | None = None
+    procs: Processes | None = None
+    brokers: dict[str, Any] = {}
+    try:
+        redis_server = RedisServer(workdir / "redis").start()
+        env = {**os.environ, "DATABASE_URL": f"sqlite:///{workdir / 'voice.db'}", "REDIS_URL": redis_server.url,
+               "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "API_KEYS": "bench"}
+        for variable in ("CELERY_BROKER_URL", "WEBHOOK_TOKENS", "WEBHOOK_ALLOWED_IPS", "VOICE_BENCH_VARIANT"):
+            env.pop(variable, None)
+        procs = Processes(workdir, env)
+        for broker in args.brokers:
+            rungs = ladder(broker)
+            step(f"broker {broker}: {len(rungs)} servers side by side, {args.turns} turns")
+            with contextlib.ExitStack() as resources:
+                procs.env.pop("CELERY_BROKER_URL", None)
+                if broker == "rabbitmq":
+                    procs.env["CELERY_BROKER_URL"] = resources.enter_context(rabbitmq_vhost())
+                got = measure(procs, rungs, args.turns, args.seconds, 0, open_loop_for=[])
+            brokers[broker] = {"rungs": got, "parts": parts(got)}
+    finally:
+        if procs is not None:
+            procs.stop_all()
+        if redis_server is not None:
+            redis_server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    result = {"turns": args.turns, "seconds": args.seconds, "brokers": brokers}
+    print(table(result), file=sys.stderr)
+    print(json.dumps(result, indent=1))
+    if args.out:
+        write_result(args.out, "ack-parts", " ".join([".venv/bin/python -m bench.ack_parts", *sys.argv[1:]]), result)
+        step(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
