@@ -43,7 +43,6 @@ from kombu.asynchronous.timer import Timer
 from kombu.message import Message
 from kombu.transport import native_delayed_delivery, virtual
 from kombu.transport import redis as kombu_redis
-from kombu.utils.uuid import uuid
 
 from app.applying import fastpath
 from app.base.timeutil import parse_rfc3339, stamp
@@ -51,7 +50,7 @@ from app.celery_app import UNACKED_RESTORE_INTERVAL, VISIBILITY_TIMEOUT, celery_
 from app.payload.envelope import Envelope
 from app.payload.events import Event
 from app.plumbing import dedup, transport
-from app.plumbing.publish import send
+from app.plumbing.publish import TaskMessages, send
 from app.plumbing.queues import APPLY_EVENT_TASK, WEBHOOK_QUEUE
 from app.plumbing.transport import HOLD_HEADER
 from config import Settings
@@ -881,27 +880,27 @@ def _acknowledge_with_keywords(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
 
 # --- Celery's message, kombu's publish (app/plumbing/publish.py) ------------------------------------------
 
-# The keywords app.plumbing.publish._publish_on_redis passes producer.publish besides Celery's properties.
-PUBLISH_KEYWORDS = ("routing_key", "exchange", "serializer", "headers", "delivery_mode", "declare", "retry")
-
-
 @seam("celery_amqp_create_task_message")
 def check_celery_amqp_create_task_message(seams: SeamEnv) -> None:
     """celery.amqp.create_task_message(...) returns four items, (headers, properties, body,
-    sent_event), with the task id in headers['id'] and properties that do not clash with the
-    keywords app.plumbing.publish passes producer.publish (a publish without send_task's outer layers)."""
+    sent_event); of the headers only the task id (also the root id) and argsrepr depend on the
+    call, so app.plumbing.publish.TaskMessages can build them once per process; the properties
+    are the correlation id and an empty reply-to; the body is (args, kwargs, embed)."""
     celery = seams.app.extensions["celery"]
-    task_id = uuid()
     args = ({"session_id": "S"}, "2026-03-06T14:00:00+00:00", None)
-    built = celery.amqp.create_task_message(task_id, APPLY_EVENT_TASK, args, {}, ignore_result=True,
-                                            argsrepr="seam", kwargsrepr="")
-    assert len(built) == 4, f"it returned {len(built)} items"
-    headers, properties, body, _sent_event = built
-    assert (headers["id"], headers["task"], headers["argsrepr"]) == (task_id, APPLY_EVENT_TASK, "seam"), headers
-    assert properties.get("correlation_id") == task_id, f"properties {properties!r}"
-    clash = sorted(set(properties) & set(PUBLISH_KEYWORDS))
-    assert not clash, f"its properties now carry {clash}, which app.plumbing.publish passes producer.publish itself"
-    assert list(body[0]) == list(args) and body[1] == {}, f"body {body!r}"
+    built = [celery.amqp.create_task_message(task_id, APPLY_EVENT_TASK, args, {}, ignore_result=True,
+                                             argsrepr=argsrepr, kwargsrepr="")
+             for task_id, argsrepr in (("seam-a", "one"), ("seam-b", "two"))]
+    assert all(len(each) == 4 for each in built), f"it returned {[len(each) for each in built]} items"
+    (first, first_properties, first_body, _), (second, second_properties, _body, _) = built
+    assert (first["id"], first["root_id"], first["task"], first["argsrepr"]) == (
+        "seam-a", "seam-a", APPLY_EVENT_TASK, "one"), first
+    varying = {key for key in first if first[key] != second.get(key)} | (set(second) - set(first))
+    assert varying == {"id", "root_id", "argsrepr"}, f"headers that differ between two calls: {sorted(varying)}"
+    assert first_properties == {"correlation_id": "seam-a", "reply_to": ""}, f"properties {first_properties!r}"
+    assert second_properties["correlation_id"] == "seam-b", f"properties {second_properties!r}"
+    assert len(first_body) == 3 and list(first_body[0]) == list(args) and first_body[1] == {}, f"body {first_body!r}"
+    assert isinstance(first_body[2], dict), f"embed {first_body[2]!r}"
 
 
 def _three_items(mp: pytest.MonkeyPatch, seams: SeamEnv) -> None:
@@ -913,48 +912,39 @@ def _three_items(mp: pytest.MonkeyPatch, seams: SeamEnv) -> None:
     mp.setattr(seams.app.extensions["celery"].amqp, "create_task_message", create_task_message)
 
 
-def message_shape(raw: bytes) -> dict[str, Any]:
-    """What a worker reads of a queued message, without values unique to each message. send_task
-    also copies argsrepr and kwargsrepr into the properties, which nothing reads."""
-    message = json.loads(raw)
-    properties = message["properties"]
-    return {"keys": sorted(message), "headers": sorted(message["headers"]),
-            "properties": sorted(set(properties) - {"argsrepr", "kwargsrepr"}),
-            "content": (message["content-type"], message["content-encoding"], properties["body_encoding"]),
-            "delivery_mode": properties["delivery_mode"], "delivery_info": sorted(properties["delivery_info"])}
+@seam("kombu_redis_message_layout")
+def check_kombu_redis_message_layout(seams: SeamEnv) -> None:
+    """The message app.plumbing.publish writes on the Redis broker is, field for field, the one
+    kombu's producer and Redis channel write for Celery's message of the same task (same task id
+    and delivery tag): the JSON body in base64, the content type and encoding, the headers, the
+    properties the channel adds; and a worker reads it (kombu's own consumer decodes the body)."""
+    celery = seams.app.extensions["celery"]
+    envelope = event_envelope("SEAM-LAYOUT")
+    args = (envelope.message, envelope.received_at, envelope.request_id)
+    with seams.app.app_context():
+        ours = TaskMessages().build(celery, QUEUE, args, "seam", task_id="seam-layout", delivery_tag="seam-tag")
+    headers, properties, body, _sent_event = celery.amqp.create_task_message(
+        "seam-layout", APPLY_EVENT_TASK, args, {}, ignore_result=True, argsrepr="seam", kwargsrepr="")
+    written: list[dict[str, Any]] = []
+    conn = Connection(seams.redis_url, transport=KOMBU_TRANSPORT)
+    seams.cleanups.append(conn.release)
+    channel = conn.default_channel
+    channel._next_delivery_tag = lambda: "seam-tag"  # kombu's own tag generator: this message's tag
+    channel._put = lambda queue, message, **_kw: written.append(json.loads(json.dumps(message)))
+    Producer(channel).publish(body, routing_key=QUEUE, exchange="", serializer="json", headers=headers,
+                              delivery_mode=2, declare=[], retry=False, **properties)
+    assert written, "kombu's producer did not write through Channel._put"
+    assert json.loads(json.dumps(ours)) == written[0], (
+        f"app.plumbing.publish builds {json.dumps(ours, sort_keys=True)}\n"
+        f"kombu writes {json.dumps(written[0], sort_keys=True)}")
+    seams.client.lpush(QUEUE, json.dumps(ours))
+    message = take_one(seams.connection(), QUEUE)
+    assert message.headers["id"] == "seam-layout" and message.decode()[0][0] == envelope.message, (
+        f"a consumer read {message.headers!r} {message.body!r}")
 
 
-@seam("kombu_producer_publish")
-def check_kombu_producer_publish(seams: SeamEnv) -> None:
-    """kombu's Producer.publish takes declare, retry and the other keywords app.plumbing.publish passes by
-    name (anything else would silently become a message property), and the message it writes
-    is the one send_task writes: the web's shortcut publish is invisible to the worker."""
-    signature = inspect.signature(Producer.publish)
-    for name in PUBLISH_KEYWORDS:
-        parameter = signature.parameters.get(name)
-        assert parameter is not None and parameter.kind is not parameter.VAR_KEYWORD, (
-            f"Producer.publish{signature} has no parameter {name!r}")
-    envelope = event_envelope("SEAM-PUBLISH")
-    send_event(seams, envelope)
-    seams.app.extensions["celery"].send_task(
-        APPLY_EVENT_TASK, args=(envelope.message, envelope.received_at, envelope.request_id), queue=QUEUE,
-        retry=False, argsrepr="seam", kwargsrepr="")
-    [ours] = seams.client.lrange(WEBHOOK_QUEUE, 0, -1)
-    [celerys] = seams.client.lrange(QUEUE, 0, -1)
-    assert message_shape(ours) == message_shape(celerys), (
-        f"app.plumbing.publish wrote {message_shape(ours)}, send_task {message_shape(celerys)}")
-
-
-def _declare_renamed(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
-    original = Producer.publish
-
-    def publish(self: Any, body: Any, routing_key: Any = None, delivery_mode: Any = None, serializer: Any = None,
-                headers: Any = None, exchange: Any = None, retry: bool = False, **properties: Any) -> Any:  # kombu N+1
-        properties.pop("declare", None)
-        return original(self, body, routing_key=routing_key, delivery_mode=delivery_mode, serializer=serializer,
-                        headers=headers, exchange=exchange, retry=retry, **properties)
-
-    mp.setattr(Producer, "publish", publish)
+def _bodies_unencoded(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
+    mp.setattr(virtual.Channel, "body_encoding", None)  # kombu N+1: message bodies written as they are
 
 
 # --- Celery's worker command (worker/__main__.py) ------------------------------------------------
@@ -1129,8 +1119,8 @@ def test_seam_celery_amqp_create_task_message(env: SeamEnv) -> None:
     check_celery_amqp_create_task_message(env)
 
 
-def test_seam_kombu_producer_publish(env: SeamEnv) -> None:
-    check_kombu_producer_publish(env)
+def test_seam_kombu_redis_message_layout(env: SeamEnv) -> None:
+    check_kombu_redis_message_layout(env)
 
 
 def test_seam_celery_click_worker_command(env: SeamEnv) -> None:
@@ -1177,7 +1167,7 @@ SEAMS = (
     Seam(check_celery_consumer_connection_errors, _connection_errors_reshaped),
     Seam(check_celery_request_acknowledge, _acknowledge_with_keywords),
     Seam(check_celery_amqp_create_task_message, _three_items),
-    Seam(check_kombu_producer_publish, _declare_renamed),
+    Seam(check_kombu_redis_message_layout, _bodies_unencoded),
     Seam(check_celery_click_worker_command, _pool_option_renamed),
     Seam(check_celery_native_delayed_delivery, _delay_chain_prefixed),
 )

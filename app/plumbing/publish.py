@@ -1,14 +1,20 @@
 """Handing events to the broker: the webhook's enqueue, re-sends from the pending set, replays.
 
 On the Redis broker an event is held in the pending set (``app.plumbing.pending``) with its task message,
-in one round trip: the project's transport writes both in one script (``app.plumbing.transport``). On
-RabbitMQ the publish alone is the guarantee (publisher confirms, persistent messages, durable
-queues), and Redis is not on the webhook's path at all.
+in one round trip: one script writes both (``app.plumbing.transport.push``). The message is the one
+Celery builds and kombu's Redis channel writes, put together here from a template Celery builds
+once per process (``TaskMessages``): kombu's producer, its pool and its channel cost more CPU than
+the round trip itself (``python -m bench.ack_parts``). tests/test_seams.py checks that the message
+is the one kombu would write (seam ``kombu_redis_message_layout``). On RabbitMQ the publish alone
+is the guarantee (publisher confirms, persistent messages, durable queues), and Redis is not on the
+webhook's path at all.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from base64 import b64encode
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +23,7 @@ import structlog
 from celery import Celery
 from flask import current_app
 from kombu.exceptions import OperationalError as KombuOperationalError
+from kombu.utils.json import dumps
 from kombu.utils.uuid import uuid
 
 from app.base.errors import QueueUnavailable
@@ -25,7 +32,7 @@ from app.payload.envelope import Envelope
 from app.payload.events import Event
 from app.plumbing import pending
 from app.plumbing.queues import APPLY_EVENT_TASK, WEBHOOK_QUEUE
-from app.plumbing.transport import HOLD_HEADER
+from app.plumbing.transport import push
 
 log = structlog.get_logger(__name__)
 
@@ -51,12 +58,12 @@ def enqueue(event: Event, received_at: datetime, request_id: str | None) -> None
 def send(envelope: Envelope, queue: str, hold: bool = False) -> None:
     """Publish the event's task; with ``hold``, also hold it in the pending set (Redis broker)."""
     settings = current_app.extensions["settings"]
-    headers = None
+    held = None
     if hold and settings.broker_is_redis:
         key = envelope.key
         due = time.time() + settings.pending_redelivery_seconds
         if settings.broker_transport_holds_pending:
-            headers = {HOLD_HEADER: pending.entry(key, envelope, due)}
+            held = pending.entry(key, envelope, due)
         else:  # rediss://, unix://, or a Redis other than REDIS_URL's: the entry in a round trip of its own
             pending.add(pending.redis_client(), key, envelope, due)
     message = envelope.message
@@ -67,24 +74,49 @@ def send(envelope: Envelope, queue: str, hold: bool = False) -> None:
                 f"phone={mask_phone(message.get('phone_number'))}")
     celery = current_app.extensions["celery"]
     if settings.broker_transport_holds_pending:
-        _publish_on_redis(celery, queue, args, headers or {}, argsrepr)
+        # The broker is REDIS_URL's Redis (broker_transport_holds_pending): the service's own client
+        # writes to it, with no client-side retry, as kombu's publish with retry=False did.
+        push(pending.redis_client(), queue, dumps(TASK_MESSAGES.build(celery, queue, args, argsrepr)), held,
+             settings.redis_min_replicas, settings.redis_replica_timeout_ms)
     else:
-        celery.send_task(APPLY_EVENT_TASK, args=args, queue=queue, retry=False, headers=headers,
-                         argsrepr=argsrepr, kwargsrepr="")
+        celery.send_task(APPLY_EVENT_TASK, args=args, queue=queue, retry=False, argsrepr=argsrepr, kwargsrepr="")
 
 
-def _publish_on_redis(celery: Celery, queue: str, args: tuple[Any, ...], headers: dict[str, Any],
-                      argsrepr: str) -> None:
-    """Celery builds the task message and kombu writes it, as ``send_task`` would, without the
-    layers around them that cost most of the publish's CPU (``bench/profile_ack.py``): routing
-    by name, option merging, declaring the queue (a list on Redis needs none: the push makes
-    it), and a result object nobody reads."""
-    task_headers, properties, body, _sent_event = celery.amqp.create_task_message(
-        uuid(), APPLY_EVENT_TASK, args, {}, ignore_result=True, argsrepr=argsrepr, kwargsrepr="")
-    task_headers.update(headers)
-    with celery.producer_or_acquire() as producer:
-        producer.publish(body, routing_key=queue, exchange="", serializer="json", headers=task_headers,
-                         delivery_mode=PERSISTENT, declare=[], retry=False, **properties)
+class TaskMessages:
+    """The apply task's message as kombu's Redis channel writes it for Celery's ``send_task``.
+
+    Celery builds the headers once per process (``create_task_message``: protocol 2, this process's
+    node name as the origin); each message takes a copy with its own task id and argsrepr, its
+    body serialized and encoded as kombu's producer and channel do (JSON, then base64), and the
+    properties the channel adds (delivery mode, priority 0, the routing, a delivery tag). A list
+    name is the queue's own at priority 0 (seam ``kombu_redis_channel_q_for_pri``).
+    """
+
+    def __init__(self) -> None:
+        self._pid = 0
+        self._headers: dict[str, Any] = {}
+        self._embed: dict[str, Any] = {}
+
+    def build(self, celery: Celery, queue: str, args: tuple[Any, ...], argsrepr: str,
+              task_id: str | None = None, delivery_tag: str | None = None) -> dict[str, Any]:
+        if self._pid != os.getpid():  # built again in a forked child: its origin names its own pid
+            headers, _properties, body, _sent_event = celery.amqp.create_task_message(
+                "", APPLY_EVENT_TASK, (), {}, ignore_result=True, argsrepr="", kwargsrepr="")
+            self._headers, self._embed, self._pid = headers, body[2], os.getpid()
+        task_id = task_id or uuid()
+        body = dumps((args, {}, self._embed))
+        return {
+            "body": b64encode(body.encode()).decode("ascii"),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {**self._headers, "id": task_id, "root_id": task_id, "argsrepr": argsrepr},
+            "properties": {"correlation_id": task_id, "reply_to": "", "delivery_mode": PERSISTENT,
+                           "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
+                           "body_encoding": "base64", "delivery_tag": delivery_tag or uuid()},
+        }
+
+
+TASK_MESSAGES = TaskMessages()
 
 
 def resend_due(now: float | None = None) -> int:

@@ -184,7 +184,6 @@ class HoldingChannel:
     """What the project adds to kombu's Redis channels (mixed into the plain and the Sentinel one)."""
 
     _sync_client: Any = None
-    _put_held_script: Any = None
     # Transport options (REDIS_MIN_REPLICAS, REDIS_REPLICA_TIMEOUT_MS): 0 waits for no replica.
     min_replicas: int = 0
     replica_timeout_ms: int = 200
@@ -207,53 +206,71 @@ class HoldingChannel:
                 raise ValueError(f"{HOLD_HEADER} is not supported on batched or expiring queues")
             if self.min_replicas and kwargs.get("_publish_batch") is None and not (
                     self._expires and queue in self._expires):
-                return self._put_and_wait(queue, message)
+                key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+                with self.conn_or_acquire() as client:
+                    push(client, key, dumps(message), None, self.min_replicas, self.replica_timeout_ms)
+                return None
             return super()._put(queue, message, **kwargs)
         key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
         with self.conn_or_acquire() as client:
-            if self.min_replicas:
-                self._put_held_and_wait(client, [hold["hash"], hold["zset"], key],
-                                        [hold["field"], hold["value"], hold["score"], dumps(message)])
-                return
-            if self._put_held_script is None:
-                self._put_held_script = client.register_script(_PUT_HELD)
-            self._put_held_script(keys=[hold["hash"], hold["zset"], key],
-                                  args=[hold["field"], hold["value"], hold["score"], dumps(message)], client=client)
+            push(client, key, dumps(message), hold, self.min_replicas, self.replica_timeout_ms)
+        return None
 
-    def _put_and_wait(self, queue: str, message: dict[str, Any]) -> None:
-        """kombu's LPUSH, then WAIT, in one round trip on one connection."""
-        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
-        with self.conn_or_acquire() as client:
-            pipe = client.pipeline(transaction=False)
-            pipe.lpush(key, dumps(message))
-            pipe.execute_command("WAIT", self.min_replicas, self.replica_timeout_ms)
-            _pushed, acknowledged = pipe.execute()
-        self._enough_replicas(acknowledged)
 
-    def _enough_replicas(self, acknowledged: Any) -> None:
-        if int(acknowledged) < self.min_replicas:
-            raise ReplicasBehind(f"{acknowledged} of {self.min_replicas} replicas acknowledged the write "
-                                 f"within {self.replica_timeout_ms} ms")
-
-    def _put_held_and_wait(self, client: redis.Redis, keys: list[str], args: list[Any]) -> None:
-        """The script, then WAIT, in one round trip on one connection (WAIT counts the replicas
-        that hold every write its own connection made). redis-py's Script object would add a
-        SCRIPT EXISTS round trip to a pipeline, so the script is sent by its SHA-1 and loaded only
-        when the server does not know it (first use, or a newly promoted master)."""
-        for attempt in (1, 2):
-            pipe = client.pipeline(transaction=False)
-            pipe.evalsha(_PUT_HELD_SHA, len(keys), *keys, *args)
-            pipe.execute_command("WAIT", self.min_replicas, self.replica_timeout_ms)
-            written, acknowledged = pipe.execute(raise_on_error=False)
-            if isinstance(written, redis.exceptions.NoScriptError) and attempt == 1:
-                client.script_load(_PUT_HELD)
-                continue
-            if isinstance(written, Exception):
-                raise written
-            if isinstance(acknowledged, Exception):
-                raise acknowledged
-            self._enough_replicas(acknowledged)
+def push(client: redis.Redis, key: str, message: str, hold: Mapping[str, Any] | None, min_replicas: int = 0,
+         replica_timeout_ms: int = 200) -> None:
+    """Write a serialized message to the list ``key`` the way kombu's Redis channel does (LPUSH),
+    with its pending entry when ``hold`` is given (the script: both or neither), and with
+    ``min_replicas`` followed by WAIT on the same connection, in the same round trip. The channel's
+    ``_put`` and the web's publish (``app.plumbing.publish``) both write through here."""
+    if hold is None:
+        if not min_replicas:
+            client.lpush(key, message)
             return
+        pipe = client.pipeline(transaction=False)
+        pipe.lpush(key, message)
+        pipe.execute_command("WAIT", min_replicas, replica_timeout_ms)
+        _pushed, acknowledged = pipe.execute()
+        _enough_replicas(acknowledged, min_replicas, replica_timeout_ms)
+        return
+    keys = [hold["hash"], hold["zset"], key]
+    args = [hold["field"], hold["value"], hold["score"], message]
+    if min_replicas:
+        _put_held_and_wait(client, keys, args, min_replicas, replica_timeout_ms)
+        return
+    try:
+        client.evalsha(_PUT_HELD_SHA, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:  # first use on this server, or a newly promoted master
+        client.script_load(_PUT_HELD)
+        client.evalsha(_PUT_HELD_SHA, len(keys), *keys, *args)
+
+
+def _enough_replicas(acknowledged: Any, min_replicas: int, replica_timeout_ms: int) -> None:
+    if int(acknowledged) < min_replicas:
+        raise ReplicasBehind(f"{acknowledged} of {min_replicas} replicas acknowledged the write "
+                             f"within {replica_timeout_ms} ms")
+
+
+def _put_held_and_wait(client: redis.Redis, keys: list[str], args: list[Any], min_replicas: int,
+                       replica_timeout_ms: int) -> None:
+    """The script, then WAIT, in one round trip on one connection (WAIT counts the replicas that
+    hold every write its own connection made). redis-py's Script object would add a SCRIPT EXISTS
+    round trip to a pipeline, so the script is sent by its SHA-1 and loaded only when the server
+    does not know it (first use, or a newly promoted master)."""
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        pipe.evalsha(_PUT_HELD_SHA, len(keys), *keys, *args)
+        pipe.execute_command("WAIT", min_replicas, replica_timeout_ms)
+        written, acknowledged = pipe.execute(raise_on_error=False)
+        if isinstance(written, redis.exceptions.NoScriptError) and attempt == 1:
+            client.script_load(_PUT_HELD)
+            continue
+        if isinstance(written, Exception):
+            raise written
+        if isinstance(acknowledged, Exception):
+            raise acknowledged
+        _enough_replicas(acknowledged, min_replicas, replica_timeout_ms)
+        return
 
 
 _OPTIONS = ("min_replicas", "replica_timeout_ms")
