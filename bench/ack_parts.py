@@ -9,7 +9,8 @@ request), so every difference between two rungs is the CPU one part costs as the
 The ladder (``bench.ack_variants``):
 
 1. bare: ``bench/bare.py``, Flask answering the webhook's JSON, nothing else;
-2. bare + one Redis round trip (a PING): what a round trip costs a bare endpoint;
+2. bare + one Redis round trip (a PING): what a round trip costs a bare endpoint; on RabbitMQ also
+   bare + one confirmed, persistent publish (py-amqp, a 900-byte message): the publish's floor;
 3. the service with no publish and no log line (LOG_LEVEL=WARNING): Flask with the service's
    request hooks, the body's decoding and validation, the checks, the metrics, the answer;
 4. + the log line (LOG_LEVEL=INFO, as shipped);
@@ -18,9 +19,10 @@ The ladder (``bench.ack_variants``):
 
 Rung 6 - rung 5 is what publishing costs beyond its one round trip (building the task message,
 kombu's producer, the pending entry, the JSON); on RabbitMQ, rung 6 - rung 4 is the whole publish
-(a confirmed, persistent basic.publish). A profiler attached to the server inflates what it
-measures (py-spy pauses the process to sample) and the test client's profile sees each part alone,
-where under gunicorn a part costs more (cache, thread switches): this measures the parts in place.
+(a confirmed, persistent basic.publish), to be set against the floor's rung. A profiler attached
+to the server inflates what it measures (py-spy pauses the process to sample) and the test
+client's profile sees each part alone, where under gunicorn a part costs more (cache, thread
+switches): this measures the parts in place.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def ladder(broker: str) -> dict[str, Side]:
     rungs: dict[str, Side] = {
         "bare": (ROOT, "bench.bare:app", {}),
         "bare + round trip": (ROOT, "bench.ack_variants:bare_round_trip", {}),
+        **({"bare + confirmed publish": (ROOT, "bench.ack_variants:bare_confirmed_publish", {})}
+           if broker == "rabbitmq" else {}),
         "service, no publish, no log line": (ROOT, VARIANTS, {"VOICE_BENCH_VARIANT": "no-publish", **QUIET}),
         "service, no publish": (ROOT, VARIANTS, {"VOICE_BENCH_VARIANT": "no-publish"}),
     }
@@ -60,6 +64,7 @@ def ladder(broker: str) -> dict[str, Side]:
 # (part, upper rung, lower rung): the part's CPU per request is the upper's minus the lower's.
 PARTS = [
     ("a Redis round trip, in a bare endpoint", "bare + round trip", "bare"),
+    ("a confirmed, persistent publish on RabbitMQ, in a bare endpoint (the floor)", "bare + confirmed publish", "bare"),
     ("the service's Flask app: hooks, checks, decoding and validation, metrics, answer",
      "service, no publish, no log line", "bare"),
     ("the log line", "service, no publish", "service, no publish, no log line"),
@@ -72,8 +77,12 @@ PARTS = [
 
 
 def parts(got: dict[str, Any]) -> dict[str, float]:
-    return {part: round(got[upper]["cpu_us_per_request"] - got[lower]["cpu_us_per_request"], 1)
-            for part, upper, lower in PARTS if upper in got and lower in got}
+    found = {part: round(got[upper]["cpu_us_per_request"] - got[lower]["cpu_us_per_request"], 1)
+             for part, upper, lower in PARTS if upper in got and lower in got}
+    floor = "a confirmed, persistent publish on RabbitMQ, in a bare endpoint (the floor)"
+    if floor in found:
+        found["the whole publish beyond the floor"] = round(found["the whole publish"] - found[floor], 1)
+    return found
 
 
 def table(result: dict[str, Any]) -> str:
