@@ -6,6 +6,7 @@ same turns, so a before and after is one run too.
     git worktree add /tmp/before COMMIT && ln -s $PWD/.venv /tmp/before/.venv
     .venv/bin/python -m bench.ack_cpu --before /tmp/before --turns 5 --out ...   # before and after, one run
     .venv/bin/python -m bench.ack_cpu --brokers redis --turns 1 --seconds 3      # a quick look
+    .venv/bin/python -m bench.ack_cpu --doc check    # docs/performance.md's tables against the newest results
 
 What it starts, all stopped and removed at the end whatever happens: a redis-server of its own, a
 temp folder (SQLite database, metric files, logs), a virtual host of its own on the machine's
@@ -30,6 +31,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -135,6 +137,75 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+DOC = ROOT / "docs" / "performance.md"
+DOC_BLOCK = re.compile(r"<!-- ack-cpu -->.*<!-- /ack-cpu -->", re.S)
+GOALS = {"redis": 0.6, "rabbitmq": 0.35}  # bare ÷ webhook CPU per request, this round's step
+P99_GOAL_MS = 10.0
+
+
+def doc_tables(cpu: dict[str, Any], cpu_source: str, parts: dict[str, Any], parts_source: str) -> str:
+    """docs/performance.md's tables: the before and after of a ``--before`` run, and the parts
+    (``bench.ack_parts``) of the newest ladder."""
+
+    def met(ok: bool) -> str:
+        return "" if ok else " — not met"
+
+    before = cpu.get("before_root_commit", "?")
+    lines = [f"From {cpu_source}, {cpu['turns']} alternating turns of {cpu['seconds']} s:", "",
+             f"| broker | measure | before ({before}) | after ({cpu['commit']}) | goal |", "|---|---|---|---|---|"]
+    for broker, got in cpu["brokers"].items():
+        old, new, bare = got["before"], got["webhook"], got["bare"]
+        goal, p99 = GOALS[broker], new["open_50"]["p99_ms"]
+        lines += [
+            f"| {broker} | server CPU per webhook (bare endpoint {bare['cpu_us_per_request']:.0f} us) | "
+            f"{old['cpu_us_per_request']:.0f} us | **{new['cpu_us_per_request']:.0f} us** | |",
+            f"| {broker} | bare ÷ webhook, CPU per request | {old['bare_to_webhook_cpu']:.3f} | "
+            f"**{new['bare_to_webhook_cpu']:.3f}** | ≥ {goal}{met(new['bare_to_webhook_cpu'] >= goal)} |",
+            f"| {broker} | webhook ÷ bare, requests/s (closed loop) | {old['webhook_to_bare_rps']:.3f} "
+            f"({old['rps']:,.0f}/s) | {new['webhook_to_bare_rps']:.3f} ({new['rps']:,.0f}/s) | |",
+            f"| {broker} | p99 at half the webhook's maximum (open loop) | {old['open_50']['p99_ms']:.1f} ms at "
+            f"{old['open_50']['achieved_rps']:,.0f}/s | **{new['open_50']['p99_ms']:.1f} ms** at "
+            f"{new['open_50']['achieved_rps']:,.0f}/s | ≤ {P99_GOAL_MS:g} ms{met(p99 <= P99_GOAL_MS)} |",
+        ]
+    lines += ["", f"Where it goes, at {parts['commit']}: {parts_source}, {parts['turns']} alternating turns of "
+                  f"{parts['seconds']} s (CPU per request, us; each part is the difference of two rungs):", "",
+              "| part | " + " | ".join(parts["brokers"]) + " |", "|---|" + "---|" * len(parts["brokers"])]
+    rungs = {name: None for got in parts["brokers"].values() for name in got["rungs"]}
+    for name in rungs:
+        lines.append(f"| rung: {name} | " + " | ".join(
+            f"{got['rungs'][name]['cpu_us_per_request']:.0f}" if name in got["rungs"] else ""
+            for got in parts["brokers"].values()) + " |")
+    names = {name: None for got in parts["brokers"].values() for name in got["parts"]}
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(
+            f"{got['parts'][name]:.0f}" if name in got["parts"] else "" for got in parts["brokers"].values()) + " |")
+    return "<!-- ack-cpu -->\n" + "\n".join(lines) + "\n<!-- /ack-cpu -->"
+
+
+def doc(mode: str) -> int:
+    """Print, check or write docs/performance.md's tables from the newest ack-cpu and ack-parts results."""
+    from bench.capacity import newest, source
+
+    cpu_path, cpu = newest("ack-cpu")
+    parts_path, parts = newest("ack-parts")
+    generated = doc_tables(cpu, source(cpu_path, cpu), parts, source(parts_path, parts))
+    if mode == "print":
+        print(generated)
+        return 0
+    text = DOC.read_text()
+    found = DOC_BLOCK.search(text)
+    if found is None:
+        print(f"{DOC} has no ack-cpu markers", file=sys.stderr)
+        return 1
+    if mode == "check":
+        if found.group(0) != generated:
+            print(f"{DOC} differs from `python -m bench.ack_cpu --doc print`: run --doc write", file=sys.stderr)
+            return 1
+        return 0
+    DOC.write_text(text[:found.start()] + generated + text[found.end():])
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--brokers", nargs="+", choices=["redis", "rabbitmq"], default=["redis", "rabbitmq"])
@@ -144,7 +215,11 @@ def main() -> int:
     parser.add_argument("--before", type=Path, help="another checkout of the service (an earlier commit) whose "
                                                     "webhook is measured in the same turns")
     parser.add_argument("--out", type=Path, help="write the result here (bench.run.write_result, kind ack-cpu)")
+    parser.add_argument("--doc", choices=("print", "check", "write"),
+                        help="no measuring: docs/performance.md's tables from the newest ack-cpu and ack-parts results")
     args = parser.parse_args()
+    if args.doc:
+        return doc(args.doc)
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: bash bench/run.sh installs it (apt-get install wrk)")
 

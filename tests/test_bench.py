@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,3 +43,33 @@ def test_bench_runs_on_a_tiny_load(tmp_path: Path) -> None:
     assert {run["rtt_ms"] for run in report["network"]["redis"].values()} == {0.0, 0.5}
     assert "| redis: ack throughput ratio" in (out / result.name.replace(".json", ".md")).read_text()
     assert "] processing: scaling with 4 worker process(es)" in log.read_text()  # progress while it runs
+
+
+def _bench_json(args: list[str], tmp_path: Path, seconds: int) -> dict[str, Any]:
+    """Run a bench module to the end and return the JSON it printed (stdout)."""
+    log, out = tmp_path / "bench.log", tmp_path / "bench.json"
+    with out.open("wb") as stdout, log.open("wb") as stderr:
+        bench = subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), "-m", *args], stdout=stdout, stderr=stderr,
+                                 cwd=ROOT, start_new_session=True)
+        try:
+            returncode = bench.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:
+            stop_group(bench, tree=True)
+    assert returncode == 0, log.read_text(errors="replace")[-6000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is missing: scripts/test.sh installs Debian's wrk")
+@pytest.mark.timeout(300)
+def test_the_ack_ladder_runs_on_both_brokers(tmp_path: Path) -> None:
+    """bench.ack_parts (and with it bench.ack_cpu's turns and every server of bench.ack_variants,
+    the RabbitMQ floor included) runs end to end; no timing is asserted, only that every rung was
+    loaded and measured."""
+    result = _bench_json(["bench.ack_parts", "--turns", "1", "--seconds", "1"], tmp_path, 240)
+    for broker in ("redis", "rabbitmq"):
+        rungs = result["brokers"][broker]["rungs"]
+        assert "service" in rungs and "bare" in rungs and len(rungs) >= 6, rungs
+        assert all(rung["rps"] > 0 and rung["cpu_us_per_request"] > 0 for rung in rungs.values()), rungs
+    assert "bare + confirmed publish" in result["brokers"]["rabbitmq"]["rungs"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import capacity, worker_floor
+from bench import ack_cpu, capacity, worker_floor
 from tests.support import ROOT
 
 
@@ -53,3 +53,23 @@ def test_the_worker_floor_check_fails_on_an_edited_figure(tmp_path: Path, monkey
     assert worker_floor.doc("check") == 1
     assert worker_floor.doc("write") == 0
     assert worker_floor.DOC.read_text() == page
+
+
+def test_the_ack_tables_are_what_bench_ack_cpu_prints() -> None:
+    """docs/performance.md's tables of the acknowledgement's CPU (before and after, and where it goes)
+    are `python -m bench.ack_cpu --doc print`'s, from the newest ack-cpu and ack-parts result files."""
+    done = subprocess.run([sys.executable, "-m", "bench.ack_cpu", "--doc", "check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert ack_cpu.DOC.read_text().count("<!-- ack-cpu -->") == 1
+
+
+def test_the_ack_check_fails_on_an_edited_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    page = ack_cpu.DOC.read_text()
+    changed = page.replace("| redis | bare ÷ webhook, CPU per request |", "| redis | bare ÷ webhook (edited) |", 1)
+    assert changed != page
+    monkeypatch.setattr(ack_cpu, "DOC", tmp_path / "performance.md")
+    ack_cpu.DOC.write_text(changed)
+    assert ack_cpu.doc("check") == 1
+    assert ack_cpu.doc("write") == 0
+    assert ack_cpu.DOC.read_text() == page
