@@ -38,12 +38,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.loadgen import open_loop
-from bench.profile_ack_gunicorn import URL_PATH, Load, answers, context_switches, cpu_split
-from bench.run import ROOT, Processes, body_for, children, step, write_result
+from bench.profile_ack_gunicorn import URL_PATH, Load, answers, unprofiled
+from bench.run import ROOT, Processes, body_for, children, step, sync_doc, write_result
 from tests.support import RedisServer, free_port, rabbitmq_vhost, wait_for
 
 BIN = Path(sys.executable).parent
@@ -56,18 +57,10 @@ def _commit_of(checkout: Path) -> str:
 
 def one_turn(port: int, workers: list[int], seconds: int) -> dict[str, float]:
     """One closed-loop load on one server: its worker processes' CPU and switches per request."""
-    before = {pid: (cpu_split(pid), context_switches(pid)) for pid in workers}
-    loaded = Load(port, seconds, 0.0, "").start().wait()
-    requests = max(loaded.get("requests") or loaded["rps"] * seconds, 1)
-    user = system = voluntary = involuntary = 0.0
-    for pid, ((user0, system0), (voluntary0, involuntary0)) in before.items():
-        (user1, system1), (voluntary1, involuntary1) = cpu_split(pid), context_switches(pid)
-        user, system = user + user1 - user0, system + system1 - system0
-        voluntary, involuntary = voluntary + voluntary1 - voluntary0, involuntary + involuntary1 - involuntary0
-    return {"rps": loaded["rps"], "requests": requests,
-            "cpu_us_per_request": (user + system) / requests * 1e6,
-            "user_us_per_request": user / requests * 1e6, "system_us_per_request": system / requests * 1e6,
-            "switches_per_request": (voluntary + involuntary) / requests}
+    got = unprofiled(port, workers, seconds, "")
+    return {"rps": got["load"]["rps"], "requests": got["requests"], "cpu_us_per_request": got["cpu_us_per_request"],
+            "user_us_per_request": got["user_us_per_request"], "system_us_per_request": got["system_us_per_request"],
+            "switches_per_request": got["voluntary_switches_per_request"] + got["involuntary_switches_per_request"]}
 
 
 Side = tuple[Path, str, dict[str, str]]  # the checkout, the WSGI app gunicorn serves, environment of its own
@@ -118,6 +111,43 @@ def measure(procs: Processes, sides: dict[str, Side], turns: int, seconds: int, 
     for name in list(servers):
         procs.stop(name)
     return out
+
+
+def on_each_broker(brokers: list[str], prefix: str,
+                   work: Callable[[Processes, str], dict[str, Any]]) -> dict[str, Any]:
+    """``work(procs, broker)`` for each broker, with what every server needs: a redis-server of the
+    bench's own (REDIS_URL, and the broker on Redis), a SQLite file, metric folders, and on RabbitMQ
+    a virtual host of its own; all stopped and removed at the end, on SIGTERM and SIGHUP too."""
+
+    def stop_on_signal(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)  # through every finally below: processes and folders cleaned up
+
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGHUP, stop_on_signal)
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    redis_server: RedisServer | None = None
+    procs: Processes | None = None
+    got: dict[str, Any] = {}
+    try:
+        redis_server = RedisServer(workdir / "redis").start()
+        env = {**os.environ, "DATABASE_URL": f"sqlite:///{workdir / 'voice.db'}", "REDIS_URL": redis_server.url,
+               "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "API_KEYS": "bench"}
+        for variable in ("CELERY_BROKER_URL", "WEBHOOK_TOKENS", "WEBHOOK_ALLOWED_IPS", "VOICE_BENCH_VARIANT"):
+            env.pop(variable, None)
+        procs = Processes(workdir, env)
+        for broker in brokers:
+            with contextlib.ExitStack() as resources:
+                procs.env.pop("CELERY_BROKER_URL", None)
+                if broker == "rabbitmq":
+                    procs.env["CELERY_BROKER_URL"] = resources.enter_context(rabbitmq_vhost())
+                got[broker] = work(procs, broker)
+    finally:
+        if procs is not None:
+            procs.stop_all()
+        if redis_server is not None:
+            redis_server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return got
 
 
 def table(result: dict[str, Any]) -> str:
@@ -189,21 +219,7 @@ def doc(mode: str) -> int:
     cpu_path, cpu = newest("ack-cpu")
     parts_path, parts = newest("ack-parts")
     generated = doc_tables(cpu, source(cpu_path, cpu), parts, source(parts_path, parts))
-    if mode == "print":
-        print(generated)
-        return 0
-    text = DOC.read_text()
-    found = DOC_BLOCK.search(text)
-    if found is None:
-        print(f"{DOC} has no ack-cpu markers", file=sys.stderr)
-        return 1
-    if mode == "check":
-        if found.group(0) != generated:
-            print(f"{DOC} differs from `python -m bench.ack_cpu --doc print`: run --doc write", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(text[:found.start()] + generated + text[found.end():])
-    return 0
+    return sync_doc(DOC, DOC_BLOCK, generated, mode, "python -m bench.ack_cpu")
 
 
 def main() -> int:
@@ -223,38 +239,15 @@ def main() -> int:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: bash bench/run.sh installs it (apt-get install wrk)")
 
-    def stop_on_signal(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)  # through every finally below: processes and folders cleaned up
-
-    signal.signal(signal.SIGTERM, stop_on_signal)
-    signal.signal(signal.SIGHUP, stop_on_signal)
     sides: dict[str, Side] = {"webhook": (ROOT, "wsgi:app", {}),
                               **({"before": (args.before.resolve(), "wsgi:app", {})} if args.before else {}),
                               "bare": (ROOT, "bench.bare:app", {})}
-    workdir = Path(tempfile.mkdtemp(prefix="voice-ack-cpu-"))
-    redis_server: RedisServer | None = None
-    procs: Processes | None = None
-    brokers: dict[str, Any] = {}
-    try:
-        redis_server = RedisServer(workdir / "redis").start()
-        env = {**os.environ, "DATABASE_URL": f"sqlite:///{workdir / 'voice.db'}", "REDIS_URL": redis_server.url,
-               "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "API_KEYS": "bench"}
-        for variable in ("CELERY_BROKER_URL", "WEBHOOK_TOKENS", "WEBHOOK_ALLOWED_IPS"):
-            env.pop(variable, None)
-        procs = Processes(workdir, env)
-        for broker in args.brokers:
-            step(f"broker {broker}: servers {', '.join(sides)}")
-            with contextlib.ExitStack() as resources:
-                procs.env.pop("CELERY_BROKER_URL", None)
-                if broker == "rabbitmq":
-                    procs.env["CELERY_BROKER_URL"] = resources.enter_context(rabbitmq_vhost())
-                brokers[broker] = measure(procs, sides, args.turns, args.seconds, args.open_seconds)
-    finally:
-        if procs is not None:
-            procs.stop_all()
-        if redis_server is not None:
-            redis_server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+
+    def servers(procs: Processes, broker: str) -> dict[str, Any]:
+        step(f"broker {broker}: servers {', '.join(sides)}")
+        return measure(procs, sides, args.turns, args.seconds, args.open_seconds)
+
+    brokers = on_each_broker(args.brokers, "voice-ack-cpu-", servers)
     result = {"turns": args.turns, "seconds": args.seconds, "open_seconds": args.open_seconds, "brokers": brokers,
               **({"before_root_commit": _commit_of(args.before)} if args.before else {})}
     print(table(result), file=sys.stderr)

@@ -28,19 +28,14 @@ switches): this measures the parts in place.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import shutil
-import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.ack_cpu import Side, measure
+from bench.ack_cpu import Side, measure, on_each_broker
 from bench.run import ROOT, Processes, step, write_result
-from tests.support import RedisServer, rabbitmq_vhost
 
 VARIANTS = "bench.ack_variants:app"
 QUIET = {"LOG_LEVEL": "WARNING"}
@@ -110,37 +105,13 @@ def main() -> int:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: bash bench/run.sh installs it (apt-get install wrk)")
 
-    def stop_on_signal(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)  # through every finally below: processes and folders cleaned up
+    def rungs(procs: Processes, broker: str) -> dict[str, Any]:
+        ladder_of = ladder(broker)
+        step(f"broker {broker}: {len(ladder_of)} servers side by side, {args.turns} turns")
+        got = measure(procs, ladder_of, args.turns, args.seconds, 0, open_loop_for=[])
+        return {"rungs": got, "parts": parts(got)}
 
-    signal.signal(signal.SIGTERM, stop_on_signal)
-    signal.signal(signal.SIGHUP, stop_on_signal)
-    workdir = Path(tempfile.mkdtemp(prefix="voice-ack-parts-"))
-    redis_server: RedisServer | None = None
-    procs: Processes | None = None
-    brokers: dict[str, Any] = {}
-    try:
-        redis_server = RedisServer(workdir / "redis").start()
-        env = {**os.environ, "DATABASE_URL": f"sqlite:///{workdir / 'voice.db'}", "REDIS_URL": redis_server.url,
-               "LOG_FORMAT": "json", "LOG_LEVEL": "INFO", "API_KEYS": "bench"}
-        for variable in ("CELERY_BROKER_URL", "WEBHOOK_TOKENS", "WEBHOOK_ALLOWED_IPS", "VOICE_BENCH_VARIANT"):
-            env.pop(variable, None)
-        procs = Processes(workdir, env)
-        for broker in args.brokers:
-            rungs = ladder(broker)
-            step(f"broker {broker}: {len(rungs)} servers side by side, {args.turns} turns")
-            with contextlib.ExitStack() as resources:
-                procs.env.pop("CELERY_BROKER_URL", None)
-                if broker == "rabbitmq":
-                    procs.env["CELERY_BROKER_URL"] = resources.enter_context(rabbitmq_vhost())
-                got = measure(procs, rungs, args.turns, args.seconds, 0, open_loop_for=[])
-            brokers[broker] = {"rungs": got, "parts": parts(got)}
-    finally:
-        if procs is not None:
-            procs.stop_all()
-        if redis_server is not None:
-            redis_server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    brokers = on_each_broker(args.brokers, "voice-ack-parts-", rungs)
     result = {"turns": args.turns, "seconds": args.seconds, "brokers": brokers}
     print(table(result), file=sys.stderr)
     print(json.dumps(result, indent=1))

@@ -376,6 +376,26 @@ def write_result(path: Path, kind: str, command: str, result: dict[str, Any]) ->
     path.write_text(json.dumps(stamped, indent=2) + "\n")
 
 
+def sync_doc(path: Path, block: re.Pattern[str], generated: str, mode: str, command: str) -> int:
+    """Print ``generated``, or check it against the block of ``path`` that ``block`` matches (1 when
+    they differ), or write it there: a doc's computed table kept what its command prints."""
+    if mode == "print":
+        print(generated)
+        return 0
+    text = path.read_text()
+    found = block.search(text)
+    if found is None:
+        print(f"{path} has no markers for `{command}`", file=sys.stderr)
+        return 1
+    if mode == "check":
+        if found.group(0) != generated:
+            print(f"{path} differs from `{command} --doc print`: run --doc write", file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(text[:found.start()] + generated + text[found.end():])
+    return 0
+
+
 def _commit() -> str:
     done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return done.stdout.strip()

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.node_limits import FUNCTION, ONE_CALL, SEVEN, _durable, _psql, pgbench
-from bench.run import ROOT, Processes, events, step, worker_rate, write_result
+from bench.run import ROOT, Processes, events, step, sync_doc, worker_rate, write_result
 from config import Settings
 from tests.conftest import migrate
 from tests.support import PostgresServer, RedisServer
@@ -169,21 +169,7 @@ def doc(mode: str) -> int:
 
     _path, data = newest("worker-floor")
     generated = doc_table(data)
-    if mode == "print":
-        print(generated)
-        return 0
-    text = DOC.read_text()
-    found = DOC_BLOCK.search(text)
-    if found is None:
-        print(f"{DOC} has no worker-floor markers", file=sys.stderr)
-        return 1
-    if mode == "check":
-        if found.group(0) != generated:
-            print(f"{DOC} differs from `python -m bench.worker_floor --doc print`: run --doc write", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(text[:found.start()] + generated + text[found.end():])
-    return 0
+    return sync_doc(DOC, DOC_BLOCK, generated, mode, "python -m bench.worker_floor")
 
 
 def main() -> int:
