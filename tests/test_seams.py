@@ -50,11 +50,11 @@ from app.celery_app import UNACKED_RESTORE_INTERVAL, VISIBILITY_TIMEOUT, celery_
 from app.payload.envelope import Envelope
 from app.payload.events import Event
 from app.plumbing import dedup, transport
-from app.plumbing.publish import TaskMessages, send
+from app.plumbing.publish import AmqpPublisher, TaskMessages, send
 from app.plumbing.queues import APPLY_EVENT_TASK, WEBHOOK_QUEUE
 from app.plumbing.transport import HOLD_HEADER
 from config import Settings
-from tests.support import ROOT, RedisServer
+from tests.support import ROOT, RedisServer, rabbitmq_vhost
 
 PROJECT_TRANSPORT = "app.plumbing.transport:Transport"
 KOMBU_TRANSPORT = "redis"  # kombu's own Redis transport, for what kombu itself writes and reads
@@ -947,6 +947,53 @@ def _bodies_unencoded(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
     mp.setattr(virtual.Channel, "body_encoding", None)  # kombu N+1: message bodies written as they are
 
 
+@seam("kombu_amqp_message")
+def check_kombu_amqp_message(seams: SeamEnv) -> None:
+    """On RabbitMQ the message app.plumbing.publish.AmqpPublisher publishes is, as a consumer
+    receives it, the one Celery's send_task publishes for the same task: body, content type and
+    encoding, headers, delivery mode, priority, correlation id, exchange and routing key (not
+    reply_to, which send_task fills for a result backend the service has none of); for quorum
+    queues (topic exchanges) and classic ones (the default exchange). It leans on kombu's pyamqp channel:
+    ``prepare_message(body, content_type=, content_encoding=, headers=, properties=)`` makes the
+    py-amqp message and ``basic_publish`` publishes it, waiting for the confirm."""
+    envelope = event_envelope("SEAM-AMQP")
+    args = (envelope.message, envelope.received_at, envelope.request_id)
+    for queue_type in ("quorum", "classic"):
+        with rabbitmq_vhost() as url:  # a virtual host each: the two declare one exchange name as two types
+            app = seams.build(Settings(database_url=seams.sqlite_url, redis_url=seams.redis_url, celery_broker_url=url,
+                                       celery_queue_type=queue_type, log_format="console"))
+            celery = app.extensions["celery"]
+            queue = f"seam-amqp-{queue_type}"
+            celery.amqp.queues.select_add(queue)  # as send_task makes a queue it does not know
+            publisher = AmqpPublisher()
+            with app.app_context():
+                publisher.publish(celery, queue, args, "seam", task_id=f"seam-{queue_type}")
+                celery.send_task(APPLY_EVENT_TASK, args=args, queue=queue, retry=False, argsrepr="seam",
+                                 kwargsrepr="", task_id=f"seam-{queue_type}", ignore_result=True)
+            publisher.drop()
+            with celery.connection_for_write() as conn:
+                got = [conn.default_channel.basic_get(queue, no_ack=True) for _ in range(2)]
+            assert all(got), f"{queue_type}: {sum(map(bool, got))} of 2 messages arrived"
+            ours, celerys = ({"body": m.body, "properties": {k: v for k, v in m.properties.items() if k != "reply_to"},
+                              "route": (m.delivery_info["exchange"], m.delivery_info["routing_key"])} for m in got)
+            assert ours == celerys, f"{queue_type}: AmqpPublisher published {ours}\nsend_task {celerys}"
+            assert ours["properties"].get("application_headers", {}).get("id") == f"seam-{queue_type}", ours
+
+
+def _headers_carried_elsewhere(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
+    from kombu.transport import pyamqp
+
+    original = pyamqp.Channel.prepare_message
+
+    def prepare_message(self: Any, body: Any, priority: Any = None, content_type: Any = None,
+                        content_encoding: Any = None, headers: Any = None, properties: Any = None,
+                        **kwargs: Any) -> Any:  # kombu N+1: the headers go in a property of its own
+        return original(self, body, priority, content_type, content_encoding, None,
+                        {**(properties or {}), "message_id": str((headers or {}).get("id"))}, **kwargs)
+
+    mp.setattr(pyamqp.Channel, "prepare_message", prepare_message)
+
+
 # --- Celery's worker command (worker/__main__.py) ------------------------------------------------
 
 
@@ -1123,6 +1170,10 @@ def test_seam_kombu_redis_message_layout(env: SeamEnv) -> None:
     check_kombu_redis_message_layout(env)
 
 
+def test_seam_kombu_amqp_message(env: SeamEnv) -> None:
+    check_kombu_amqp_message(env)
+
+
 def test_seam_celery_click_worker_command(env: SeamEnv) -> None:
     check_celery_click_worker_command(env)
 
@@ -1168,6 +1219,7 @@ SEAMS = (
     Seam(check_celery_request_acknowledge, _acknowledge_with_keywords),
     Seam(check_celery_amqp_create_task_message, _three_items),
     Seam(check_kombu_redis_message_layout, _bodies_unencoded),
+    Seam(check_kombu_amqp_message, _headers_carried_elsewhere),
     Seam(check_celery_click_worker_command, _pool_option_renamed),
     Seam(check_celery_native_delayed_delivery, _delay_chain_prefixed),
 )

@@ -7,12 +7,15 @@ once per process (``TaskMessages``): kombu's producer, its pool and its channel 
 the round trip itself (``python -m bench.ack_parts``). tests/test_seams.py checks that the message
 is the one kombu would write (seam ``kombu_redis_message_layout``). On RabbitMQ the publish alone
 is the guarantee (publisher confirms, persistent messages, durable queues), and Redis is not on the
-webhook's path at all.
+webhook's path at all; the message Celery builds is published on a connection of the server
+thread's own, again without kombu's producer (``AmqpPublisher``; seam ``kombu_amqp_message``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from base64 import b64encode
 from datetime import datetime
@@ -20,8 +23,11 @@ from typing import Any
 
 import redis
 import structlog
+from amqp.exceptions import MessageNacked
 from celery import Celery
 from flask import current_app
+from kombu import Connection, Queue
+from kombu.common import maybe_declare
 from kombu.exceptions import OperationalError as KombuOperationalError
 from kombu.utils.json import dumps
 from kombu.utils.uuid import uuid
@@ -78,7 +84,9 @@ def send(envelope: Envelope, queue: str, hold: bool = False) -> None:
         # writes to it, with no client-side retry, as kombu's publish with retry=False did.
         push(pending.redis_client(), queue, dumps(TASK_MESSAGES.build(celery, queue, args, argsrepr)), held,
              settings.redis_min_replicas, settings.redis_replica_timeout_ms)
-    else:
+    elif not settings.broker_is_redis:
+        AMQP_PUBLISHER.publish(celery, queue, args, argsrepr)
+    else:  # a Redis broker the project's transport does not carry
         celery.send_task(APPLY_EVENT_TASK, args=args, queue=queue, retry=False, argsrepr=argsrepr, kwargsrepr="")
 
 
@@ -117,6 +125,73 @@ class TaskMessages:
 
 
 TASK_MESSAGES = TaskMessages()
+
+
+class AmqpPublisher:
+    """The apply task's publish on RabbitMQ, as Celery's ``send_task`` publishes it, without kombu's
+    producer: its pool, a producer revived and the exchange and queue copied for every publish,
+    the declare check, the serializer registry (``python -m bench.ack_parts``: the publish beyond a
+    bare confirmed publish).
+
+    Each server thread keeps a connection of its own, made as Celery makes its publishing
+    connections (``connection_for_write``: the broker URL with its alternates, publisher confirms,
+    the connect timeout), and declares each queue once on it. Celery builds the message
+    (``create_task_message``); it is routed as ``send_task`` routes it (a direct exchange by the
+    anonymous exchange and the queue's name, any other by the queue's exchange and routing key) and
+    published persistent on the connection's channel, which waits for the broker's confirm. Any
+    error drops the thread's connection (the next publish connects again, to another node of a
+    cluster URL if this one is gone) and is raised as kombu's OperationalError, a nack included.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def publish(self, celery: Celery, queue_name: str, args: tuple[Any, ...], argsrepr: str,
+                task_id: str | None = None) -> None:
+        headers, properties, body, _sent_event = celery.amqp.create_task_message(
+            task_id or uuid(), APPLY_EVENT_TASK, args, {}, ignore_result=True, argsrepr=argsrepr, kwargsrepr="")
+        queue: Queue = celery.amqp.queues[queue_name]
+        exchange, routing_key = route(queue)
+        if getattr(self._local, "celery", None) is not celery:  # another app (and broker) in this thread
+            self.drop()
+        connection: Connection | None = getattr(self._local, "connection", None)
+        try:
+            if connection is None:
+                connection = self._local.connection = celery.connection_for_write()
+                self._local.celery, self._local.declared = celery, set()
+            channel = connection.default_channel
+            if queue_name not in self._local.declared:  # once per connection and queue
+                maybe_declare(queue, channel)
+                self._local.declared.add(queue_name)
+            message = channel.prepare_message(dumps(body), priority=0, content_type="application/json",
+                                              content_encoding="utf-8", headers=headers,
+                                              properties={**properties, "delivery_mode": PERSISTENT})
+            channel.basic_publish(message, exchange=exchange, routing_key=routing_key)
+        except Exception as exc:
+            self.drop()
+            errors = (*(connection.connection_errors if connection else ()),
+                      *(connection.channel_errors if connection else ()), MessageNacked)
+            if isinstance(exc, errors) and not isinstance(exc, KombuOperationalError):
+                raise KombuOperationalError(f"{type(exc).__name__}: {exc}") from exc
+            raise
+
+    def drop(self) -> None:
+        """Forget this thread's connection (closed quietly): the next publish makes a new one."""
+        connection = getattr(self._local, "connection", None)
+        self._local.connection = None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.collect()
+
+
+def route(queue: Queue) -> tuple[str, str]:
+    """(exchange, routing key) as Celery's ``send_task(queue=name)`` publishes to ``queue``."""
+    if queue.exchange is None or queue.exchange.type == "direct" or not queue.exchange.name:
+        return "", queue.name
+    return queue.exchange.name, queue.routing_key or queue.name
+
+
+AMQP_PUBLISHER = AmqpPublisher()
 
 
 def resend_due(now: float | None = None) -> int:

@@ -44,6 +44,9 @@ def rabbitmq_restart(workdir: Path, seed: int = 11, queue_type: str = "classic")
                 finally:
                     os.killpg(worker_group, signal.SIGCONT)
                 stop_took = time.monotonic() - stopped_at
+                # While the node shuts down it may still confirm a publish (and keep it: nothing
+                # is lost); "while down" starts once the stop returned.
+                down_at = stopped_at + stop_took
                 # Refused while it is down: a few seconds of stream against a stopped broker.
                 wait_for(lambda: sum(1 for p in stream.posted if p.started > stopped_at + stop_took) >= 30,
                          timeout=30)
@@ -52,11 +55,11 @@ def rabbitmq_restart(workdir: Path, seed: int = 11, queue_type: str = "classic")
                 wait_for(lambda: stream.accepted_since(restarted_at) > 0, timeout=60, interval=0.02)
                 with stream.lock:
                     first_200 = min(p.started + p.attempt.seconds for p in stream.posted
-                                    if p.started >= stopped_at and p.attempt.status == 200)
+                                    if p.started >= down_at and p.attempt.status == 200)
                 wait_for(lambda: stream.accepted_since(first_200) >= 60, timeout=60)
             posted = stream.posted
             acknowledged = {id(p.fields) for p in posted if p.attempt.status == 200}
-            while_down = [p.attempt for p in posted if stopped_at <= p.started < first_200]
+            while_down = [p.attempt for p in posted if down_at <= p.started < first_200]
             refused = [a for a in while_down if a.status != 200]
             retried = [p.fields for p in posted if id(p.fields) not in acknowledged]
             retries = list(itertools.chain.from_iterable(post_like_at(stack, fields, time.monotonic() + 60)
