@@ -2,7 +2,8 @@
 
 Host ``n`` gets the namespace ``voice-<tag>-<n>`` and the pair ``vh<tag><n>`` (machine side,
 address ``.4n+1``) / ``vn<tag><n>`` (host side, ``.4n+2``), a /30 each inside one private /24
-chosen at random among those the machine does not route. Servers that the hosts must reach
+chosen at random among those the machine does not route; hosts reach each other through the
+machine (forwarding on their links only). Servers that the hosts must reach
 listen on the machine-side addresses as well as 127.0.0.1. ``cut`` takes a host's link down
 (packets vanish: no reset, no refusal, as when a host drops off the network) and ``restore``
 brings it back. Everything made is removed on exit, also when the test fails: processes in the
@@ -19,6 +20,7 @@ import signal
 import subprocess
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -99,6 +101,11 @@ class Hosts:
                 _ip("-n", namespace, "link", "set", inner, "up")
                 _ip("-n", namespace, "link", "set", "lo", "up")
                 _ip("-n", namespace, "route", "add", f"{self.shared_address}/32", "via", str(server))
+                # The other hosts, through the machine: a replica must reach another one promoted
+                # master. Forwarding is turned on for this link alone (the machine's own setting,
+                # and every other interface's, stay as they are); the link takes it with it.
+                _ip("-n", namespace, "route", "add", str(self.subnet), "via", str(server))
+                Path(f"/proc/sys/net/ipv4/conf/{outer}/forwarding").write_text("1\n")
         except BaseException:
             self.remove()
             raise
