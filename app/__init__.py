@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +13,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.base.errors import register_errorhandlers
 from app.base.extensions import db
-from app.base.logs import configure_logging
+from app.base.logs import REQUEST_ID_HEADER, configure_logging, request_id_of
 from app.celery_app import celery_config, celery_init_app
 from app.plumbing.redis_clients import redis_client
 from config import INSTANCE_DIR, ConfigError, Settings
@@ -23,7 +22,6 @@ if TYPE_CHECKING:
     import sqlite3
 
 MIGRATIONS_DIR = str(Path(__file__).resolve().parent.parent / "migrations")
-REQUEST_ID_HEADER = "X-Request-ID"
 
 
 WEB = "web"
@@ -139,7 +137,8 @@ def _serialize_sqlite_writes(engine: Engine) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    """The webhook, the read API and the operations endpoints."""
+    """The webhook (answered by its own WSGI endpoint), the read API and the operations endpoints."""
+    from app.intake.webhook import WebhookEndpoint
     from app.intake.webhook import bp as webhook_bp
     from app.operating.ops import bp as ops_bp
     from app.reading.api import bp as api_bp
@@ -147,6 +146,8 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(webhook_bp)
     app.register_blueprint(api_bp)
     app.register_blueprint(ops_bp)
+    # A POST to the webhook is answered ahead of Flask (ProxyFix, when set, still comes first).
+    app.wsgi_app = WebhookEndpoint(app, app.wsgi_app)  # type: ignore[method-assign]
 
 
 def register_commands(app: Flask) -> None:
@@ -177,8 +178,7 @@ def register_request_hooks(app: Flask, settings: Settings) -> None:
 
     @app.before_request
     def _request_id() -> None:
-        given = request.headers.get(REQUEST_ID_HEADER, "")
-        g.request_id = given if _valid_request_id(given) else uuid.uuid4().hex
+        g.request_id = request_id_of(request.environ)
 
     @app.after_request
     def _headers(response: Response) -> Response:
@@ -187,6 +187,3 @@ def register_request_hooks(app: Flask, settings: Settings) -> None:
         response.headers.setdefault("Cache-Control", "no-store")
         return response
 
-
-def _valid_request_id(value: str) -> bool:
-    return 0 < len(value) <= 128 and all(ch.isalnum() or ch in "-_.:" for ch in value)

@@ -20,7 +20,9 @@ divides by the requests wrk counted. Turns alternate the servers, so a burst of 
 shared machine lands on every figure of a ratio; each figure is the median of its turns.
 
 After the turns, an open loop (``bench.loadgen``) at half the webhook's closed-loop maximum on each
-webhook server: the p99 the issue's goal names. Ratios are bare ÷ webhook CPU per request (the
+webhook server: the p99 the issue's goal names; and the bare endpoint at the same rate right after,
+the yardstick for it (the load generator shares the machine's two cores with the servers).
+Ratios are bare ÷ webhook CPU per request (the
 larger, the closer the webhook is to a bare endpoint) and webhook ÷ bare requests per second.
 Progress goes to stderr, the result (JSON) to stdout and to ``--out``.
 """
@@ -104,6 +106,9 @@ def measure(procs: Processes, sides: dict[str, Side], turns: int, seconds: int, 
         rate = max(20.0, out[name]["rps"] / 2)
         step(f"{name}: open loop at half its maximum, {rate:.0f} req/s for {open_seconds} s")
         out[name]["open_50"] = open_loop(port, rate, open_seconds, body_for, path=URL_PATH)
+        if "bare" in servers:  # the yardstick at the same rate: what this machine and the load generator allow
+            step(f"bare: open loop at {name}'s rate, {rate:.0f} req/s for {open_seconds} s")
+            out[name]["open_50_bare"] = open_loop(servers["bare"][0], rate, open_seconds, body_for, path=URL_PATH)
     bare = out["bare"]
     for name in [name for name in servers if name != "bare"]:
         out[name]["bare_to_webhook_cpu"] = round(bare["cpu_us_per_request"] / out[name]["cpu_us_per_request"], 3)
@@ -156,14 +161,16 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"broker {broker}: median of {result['turns']} alternating turns of {result['seconds']} s "
                      f"(wrk -t2 -c32)")
         lines.append(f"  {'server':8s} {'req/s':>7s} {'CPU us/req':>10s} {'user':>6s} {'kernel':>6s} "
-                     f"{'switches/req':>12s} {'bare/webhook CPU':>16s} {'p99 at half max':>16s}")
+                     f"{'switches/req':>12s} {'bare/webhook CPU':>16s} {'p99 at half max':>26s}")
         for name, figures in got.items():
             ratio = f"{figures['bare_to_webhook_cpu']:.3f}" if "bare_to_webhook_cpu" in figures else ""
             p99 = (f"{figures['open_50']['p99_ms']:.1f} ms @ {figures['open_50']['achieved_rps']:.0f}"
                    if "open_50" in figures else "")
+            if "open_50_bare" in figures:
+                p99 += f" (bare {figures['open_50_bare']['p99_ms']:.1f})"
             lines.append(f"  {name:8s} {figures['rps']:7.0f} {figures['cpu_us_per_request']:10.0f} "
                          f"{figures['user_us_per_request']:6.0f} {figures['system_us_per_request']:6.0f} "
-                         f"{figures['switches_per_request']:12.2f} {ratio:>16s} {p99:>16s}")
+                         f"{figures['switches_per_request']:12.2f} {ratio:>16s} {p99:>26s}")
     return "\n".join(lines)
 
 
@@ -197,6 +204,9 @@ def doc_tables(cpu: dict[str, Any], cpu_source: str, parts: dict[str, Any], part
             f"{old['open_50']['achieved_rps']:,.0f}/s | **{new['open_50']['p99_ms']:.1f} ms** at "
             f"{new['open_50']['achieved_rps']:,.0f}/s | ≤ {P99_GOAL_MS:g} ms{met(p99 <= P99_GOAL_MS)} |",
         ]
+        if "open_50_bare" in old and "open_50_bare" in new:
+            lines.append(f"| {broker} | the bare endpoint's p99 at the same rate (this machine's floor) | "
+                         f"{old['open_50_bare']['p99_ms']:.1f} ms | {new['open_50_bare']['p99_ms']:.1f} ms | |")
     lines += ["", f"Where it goes, at {parts['commit']}: {parts_source}, {parts['turns']} alternating turns of "
                   f"{parts['seconds']} s (CPU per request, us; each part is the difference of two rungs):", "",
               "| part | " + " | ".join(parts["brokers"]) + " |", "|---|" + "---|" * len(parts["brokers"])]

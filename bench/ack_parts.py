@@ -11,14 +11,15 @@ The ladder (``bench.ack_variants``):
 1. bare: ``bench/bare.py``, Flask answering the webhook's JSON, nothing else;
 2. bare + one Redis round trip (a PING): what a round trip costs a bare endpoint; on RabbitMQ also
    bare + one confirmed, persistent publish (py-amqp, a 900-byte message): the publish's floor;
-3. the service with no publish and no log line (LOG_LEVEL=WARNING): Flask with the service's
-   request hooks, the body's decoding and validation, the checks, the metrics, the answer;
+3. the service with no publish and no log line (LOG_LEVEL=WARNING): its webhook endpoint (ahead of
+   Flask since the third round) with the body's decoding and validation, the checks, the metrics,
+   the answer;
 4. + the log line (LOG_LEVEL=INFO, as shipped);
 5. + one Redis round trip where the publish was (Redis broker only);
 6. the service as shipped: the real publish.
 
 Rung 6 - rung 5 is what publishing costs beyond its one round trip (building the task message,
-kombu's producer, the pending entry, the JSON); on RabbitMQ, rung 6 - rung 4 is the whole publish
+the pending entry, the JSON); on RabbitMQ, rung 6 - rung 4 is the whole publish
 (a confirmed, persistent basic.publish), to be set against the floor's rung. A profiler attached
 to the server inflates what it measures (py-spy pauses the process to sample) and the test
 client's profile sees each part alone, where under gunicorn a part costs more (cache, thread
@@ -60,11 +61,11 @@ def ladder(broker: str) -> dict[str, Side]:
 PARTS = [
     ("a Redis round trip, in a bare endpoint", "bare + round trip", "bare"),
     ("a confirmed, persistent publish on RabbitMQ, in a bare endpoint (the floor)", "bare + confirmed publish", "bare"),
-    ("the service's Flask app: hooks, checks, decoding and validation, metrics, answer",
+    ("the service's endpoint over bare's Flask: checks, decoding and validation, metrics, answer",
      "service, no publish, no log line", "bare"),
     ("the log line", "service, no publish", "service, no publish, no log line"),
     ("a Redis round trip, in the service", "service, a round trip for the publish", "service, no publish"),
-    ("the publish beyond its round trip (task message, producer, pending entry, JSON)", "service",
+    ("the publish beyond its round trip (task message, pending entry, JSON)", "service",
      "service, a round trip for the publish"),
     ("the whole publish", "service", "service, no publish"),
     ("the service over bare", "service", "bare"),

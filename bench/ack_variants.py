@@ -27,10 +27,10 @@ from wsgi import app
 
 VARIANT = os.environ.get("VOICE_BENCH_VARIANT", "")
 if VARIANT == "no-publish":
-    webhook.enqueue = lambda event, received_at, request_id: None
+    webhook.enqueue = lambda event, received_at, request_id, app=None: None
 elif VARIANT == "round-trip":
     _client = app.extensions["redis"]
-    webhook.enqueue = lambda event, received_at, request_id: _client.ping()
+    webhook.enqueue = lambda event, received_at, request_id, app=None: _client.ping()
 elif VARIANT:
     raise SystemExit(f"VOICE_BENCH_VARIANT must be no-publish or round-trip, got {VARIANT!r}")
 

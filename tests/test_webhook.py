@@ -7,13 +7,17 @@ import hashlib
 import hmac
 import io
 import json
+import logging
 import time
 
 import pytest
 import redis
 from flask import Flask
+from flask import request as flask_request
 from flask.testing import FlaskClient
 
+import app.intake.webhook as webhook
+from app.base import logs, metrics
 from app.plumbing.pending import PENDING_DATA
 from app.plumbing.queues import WEBHOOK_QUEUE
 from config import Settings
@@ -216,3 +220,69 @@ def test_api_headers(client: FlaskClient) -> None:
     assert response.headers["X-Content-Type-Options"] == "nosniff"
     assert response.headers["Cache-Control"] == "no-store"
     assert response.headers["Content-Type"] == "application/json"
+
+
+@pytest.fixture
+def json_app(make_app, settings: Settings) -> Flask:
+    return make_app(dataclasses.replace(settings, log_format="json"))
+
+
+def service_lines(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    """Where the service's own log lines go, for this test (after the app was made)."""
+    lines = io.StringIO()
+    monkeypatch.setattr(logs, "_handler", logging.StreamHandler(lines))
+    return lines
+
+
+def webhook_lines(lines: io.StringIO) -> list[dict]:
+    return [line for line in map(json.loads, lines.getvalue().splitlines()) if line["event"] == "webhook"]
+
+
+@pytest.mark.parametrize(("body", "content_type", "status", "reason", "session_id"), [
+    (SEED_COMPLETED, FORM, 200, "ok", "ATVoice_a1b2c3d4e5f6"),
+    ("sessionId=S&status=maybe", FORM, 400, "invalid", None),
+    (SEED_COMPLETED, "text/plain", 415, "unsupported_media_type", None),
+])
+def test_each_answer_is_one_log_line_and_one_sample(json_app: Flask, monkeypatch: pytest.MonkeyPatch,
+                                                    body: str, content_type: str, status: int, reason: str,
+                                                    session_id: str | None) -> None:
+    outcome = "accepted" if status == 200 else "refused"
+    samples = metrics.WEBHOOKS.labels(outcome=outcome, reason=reason)
+    before = samples._value.get()
+    lines = service_lines(monkeypatch)
+    response = json_app.test_client().post(URL, data=body, content_type=content_type, headers={"X-Request-ID": "req-7"})
+    assert response.status_code == status
+    assert samples._value.get() == before + 1
+    [line] = webhook_lines(lines)
+    assert line["status_code"] == status and line["outcome"] == outcome and line["reason"] == reason
+    assert line["session_id"] == session_id and line["request_id"] == "req-7"
+    assert line["phone_number"] == ("+254******678" if status == 200 else None)  # masked, never whole
+    assert "254712345678" not in lines.getvalue()
+
+
+def test_an_unexpected_error_is_a_bare_500_with_its_line(json_app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_args: object) -> None:
+        raise KeyError("a secret detail")
+
+    monkeypatch.setattr(webhook, "decode_body", broken)
+    lines = service_lines(monkeypatch)
+    response = json_app.test_client().post(URL, data=SEED_COMPLETED, content_type=FORM)
+    assert response.status_code == 500
+    assert response.get_data() == b'{"error":"internal server error"}\n'
+    assert response.headers["X-Content-Type-Options"] == "nosniff" and len(response.headers["X-Request-ID"]) == 32
+    assert [line["reason"] for line in webhook_lines(lines)] == ["error"]
+    assert "unhandled_error" in lines.getvalue() and "KeyError" in lines.getvalue()  # the trace is logged only
+    assert written(json_app) == (0, 0)
+
+
+def test_the_post_is_answered_ahead_of_flask(client: FlaskClient, app: Flask) -> None:
+    """Flask's hooks never run for the webhook's POST (its contexts cost more than the checks);
+    they still do for the path's other methods, which Flask answers."""
+    seen: list[str] = []
+    app.before_request(lambda: seen.append(flask_request.method))
+    assert client.post(URL, data=SEED_FAILED, content_type=FORM).status_code == 200
+    assert client.options(URL).headers["Allow"] == "OPTIONS, POST"
+    assert client.get(URL).status_code == 405
+    assert seen == ["OPTIONS", "GET"]
+    with app.test_request_context(URL, method="POST"), pytest.raises(RuntimeError, match="reached Flask"):
+        webhook.receive()  # the route Flask lists, should a POST ever get past the endpoint

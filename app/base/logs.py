@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import uuid
 from typing import Any
 
 import structlog
@@ -16,6 +17,8 @@ _PHONE_KEYS = {"phone_number", "phonenumber", "callernumber", "destinationnumber
 _SECRET_KEYS = {"authorization", "token", "api_key", "secret", "password", "signature"}
 _TOKEN_IN_TEXT = re.compile(r"((?:^|[?&;\s])token=)[^&\s\"']*", re.IGNORECASE)
 _PHONE_IN_TEXT = re.compile(r"(?:\+|%2B)(\d{8,15})", re.IGNORECASE)
+# What either pattern needs somewhere in a text: most values have neither, and one search is all they cost.
+_SUSPECT = re.compile(r"token=|(?:\+|%2B)\d", re.IGNORECASE)
 
 
 def mask_phone(phone: str | None) -> str | None:
@@ -28,8 +31,22 @@ def mask_phone(phone: str | None) -> str | None:
     return ("+" if phone.startswith("+") else "") + digits[:3] + "*" * (len(digits) - 6) + digits[-3:]
 
 
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+def request_id_of(environ: dict[str, Any]) -> str:
+    """The id a request's log lines and answer carry: the client's X-Request-ID when it is a sane
+    one, else a new one."""
+    given = environ.get("HTTP_X_REQUEST_ID", "")
+    if 0 < len(given) <= 128 and all(ch.isalnum() or ch in "-_.:" for ch in given):
+        return given
+    return uuid.uuid4().hex
+
+
 def scrub_text(text: str) -> str:
     """Remove tokens and phone numbers from free text such as a URL or an error message."""
+    if _SUSPECT.search(text) is None:
+        return text
     text = _TOKEN_IN_TEXT.sub(r"\1[redacted]", text)
     return _PHONE_IN_TEXT.sub(lambda m: mask_phone("+" + m.group(1)) or "", text)
 

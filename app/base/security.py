@@ -11,7 +11,7 @@ import hmac
 import ipaddress
 import time
 
-from flask import Request
+from werkzeug.wrappers import Request
 
 from app.base.errors import Forbidden, NotAuthorized, Unauthenticated
 from config import Settings, key_digest

@@ -25,7 +25,7 @@ import redis
 import structlog
 from amqp.exceptions import MessageNacked
 from celery import Celery
-from flask import current_app
+from flask import Flask, current_app
 from kombu import Connection, Queue
 from kombu.common import maybe_declare
 from kombu.exceptions import OperationalError as KombuOperationalError
@@ -47,23 +47,25 @@ PERSISTENT = 2  # kombu's delivery mode for messages that outlive a broker resta
 QUEUE_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, KombuOperationalError, OSError)
 
 
-def enqueue(event: Event, received_at: datetime, request_id: str | None) -> None:
-    """Give the event's task to the broker (held in the pending set on Redis).
+def enqueue(event: Event, received_at: datetime, request_id: str | None, app: Flask | None = None) -> None:
+    """Give the event's task to the broker (held in the pending set on Redis); ``app``, or the
+    current app when none is given (the webhook passes its own: it runs without Flask's contexts).
 
     Raises QueueUnavailable (503) when the broker did not take it, so no 200 goes out for an
     unqueued task.
     """
     envelope = Envelope(event.to_message(), received_at.isoformat(), request_id)
     try:
-        send(envelope, WEBHOOK_QUEUE, hold=True)
+        send(envelope, WEBHOOK_QUEUE, hold=True, app=app)
     except QUEUE_ERRORS as exc:
         log.warning("enqueue_failed", error_type=type(exc).__name__)
         raise QueueUnavailable("the queue is unavailable; try again", session_id=event.session_id) from None
 
 
-def send(envelope: Envelope, queue: str, hold: bool = False) -> None:
+def send(envelope: Envelope, queue: str, hold: bool = False, app: Flask | None = None) -> None:
     """Publish the event's task; with ``hold``, also hold it in the pending set (Redis broker)."""
-    settings = current_app.extensions["settings"]
+    extensions = (app or current_app).extensions
+    settings = extensions["settings"]
     held = None
     if hold and settings.broker_is_redis:
         key = envelope.key
@@ -71,18 +73,18 @@ def send(envelope: Envelope, queue: str, hold: bool = False) -> None:
         if settings.broker_transport_holds_pending:
             held = pending.entry(key, envelope, due)
         else:  # rediss://, unix://, or a Redis other than REDIS_URL's: the entry in a round trip of its own
-            pending.add(pending.redis_client(), key, envelope, due)
+            pending.add(extensions["redis"], key, envelope, due)
     message = envelope.message
     args = (message, envelope.received_at, envelope.request_id)
     # What Flower and the worker show of the arguments: short, and with the phone masked
     # (Celery's default repr of the whole payload cost a tenth of the ack time).
     argsrepr = (f"session_id={message['session_id']} status={message['status']} "
                 f"phone={mask_phone(message.get('phone_number'))}")
-    celery = current_app.extensions["celery"]
+    celery = extensions["celery"]
     if settings.broker_transport_holds_pending:
         # The broker is REDIS_URL's Redis (broker_transport_holds_pending): the service's own client
         # writes to it, with no client-side retry, as kombu's publish with retry=False did.
-        push(pending.redis_client(), queue, dumps(TASK_MESSAGES.build(celery, queue, args, argsrepr)), held,
+        push(extensions["redis"], queue, dumps(TASK_MESSAGES.build(celery, queue, args, argsrepr)), held,
              settings.redis_min_replicas, settings.redis_replica_timeout_ms)
     elif not settings.broker_is_redis:
         AMQP_PUBLISHER.publish(celery, queue, args, argsrepr)
