@@ -44,6 +44,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import kombu
+import redis
+
+from app.plumbing.queues import WEBHOOK_QUEUE
+from bench.bare import FLOOR_QUEUE
 from bench.loadgen import open_loop
 from bench.profile_ack_gunicorn import URL_PATH, Load, answers, unprofiled
 from bench.run import ROOT, Processes, body_for, children, step, sync_doc, write_result
@@ -90,6 +95,7 @@ def measure(procs: Processes, sides: dict[str, Side], turns: int, seconds: int, 
     got: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
     for turn in range(turns):
         for name, (port, workers) in servers.items():
+            empty_queues(procs.env)
             got[name].append(one_turn(port, workers, seconds))
         step("turn {}/{}: {}".format(turn + 1, turns, ", ".join(
             f"{name} {runs[-1]['cpu_us_per_request']:.0f} us/req at {runs[-1]['rps']:.0f} req/s"
@@ -105,6 +111,7 @@ def measure(procs: Processes, sides: dict[str, Side], turns: int, seconds: int, 
         port = servers[name][0]
         rate = max(20.0, out[name]["rps"] / 2)
         step(f"{name}: open loop at half its maximum, {rate:.0f} req/s for {open_seconds} s")
+        empty_queues(procs.env)
         out[name]["open_50"] = open_loop(port, rate, open_seconds, body_for, path=URL_PATH)
         if "bare" in servers:  # the yardstick at the same rate: what this machine and the load generator allow
             step(f"bare: open loop at {name}'s rate, {rate:.0f} req/s for {open_seconds} s")
@@ -116,6 +123,31 @@ def measure(procs: Processes, sides: dict[str, Side], turns: int, seconds: int, 
     for name in list(servers):
         procs.stop(name)
     return out
+
+
+# Every queue a server of these benches publishes to (bench.ack_variants' floor included).
+BENCH_QUEUES = (WEBHOOK_QUEUE, FLOOR_QUEUE)
+
+
+def empty_queues(env: dict[str, str]) -> None:
+    """Each load starts on empty queues, as a production queue that workers drain would be: no
+    worker runs here, and a backlog of a hundred thousand messages left by the previous loads
+    slows the broker (RabbitMQ pages them to disk) and charges its pauses to whichever server is
+    loaded next. The bench's own Redis is emptied; on RabbitMQ, the bench's virtual host's queues."""
+    redis.Redis.from_url(env["REDIS_URL"]).flushdb()
+    broker_url = env.get("CELERY_BROKER_URL", "")
+    if not broker_url.startswith("amqp"):
+        return
+    with kombu.Connection(broker_url) as connection:
+        for queue in BENCH_QUEUES:
+            channel = connection.channel()
+            try:
+                channel.queue_purge(queue)
+            except connection.channel_errors:  # not declared (yet) on this virtual host: nothing to empty
+                pass
+            finally:
+                with contextlib.suppress(*connection.channel_errors, *connection.connection_errors):
+                    channel.close()
 
 
 def on_each_broker(brokers: list[str], prefix: str,

@@ -23,6 +23,7 @@ import redis
 from flask import Flask, jsonify
 
 import app.intake.webhook as webhook
+from bench.bare import FLOOR_QUEUE
 from wsgi import app
 
 VARIANT = os.environ.get("VOICE_BENCH_VARIANT", "")
@@ -49,7 +50,6 @@ def bare_webhook() -> Any:
 # publishes with, publisher confirms on as the service has them): the floor of a webhook's publish
 # on RabbitMQ. A message of a webhook task's size (900 bytes) to a durable queue of its own; one
 # connection per server thread (a py-amqp channel is not shared between threads).
-FLOOR_QUEUE = "voice-bench-floor"
 _FLOOR_BODY = b"x" * 900
 _floor = threading.local()
 

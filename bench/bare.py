@@ -8,6 +8,9 @@ from flask import Flask, jsonify
 
 app = Flask(__name__)
 
+# The queue bench.ack_variants' confirmed-publish floor publishes to (bench.ack_cpu empties it).
+FLOOR_QUEUE = "voice-bench-floor"
+
 
 @app.post("/api/v1/voice/webhook")
 def webhook():
