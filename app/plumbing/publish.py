@@ -7,8 +7,8 @@ once per process (``TaskMessages``): kombu's producer, its pool and its channel 
 the round trip itself (``python -m bench.ack_parts``). tests/test_seams.py checks that the message
 is the one kombu would write (seam ``kombu_redis_message_layout``). On RabbitMQ the publish alone
 is the guarantee (publisher confirms, persistent messages, durable queues), and Redis is not on the
-webhook's path at all; the message Celery builds is published on a connection of the server
-thread's own, again without kombu's producer (``AmqpPublisher``; seam ``kombu_amqp_message``).
+webhook's path at all; the message, from the same template, is published on a connection of the
+server thread's own, again without kombu's producer (``AmqpPublisher``; seam ``kombu_amqp_message``).
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def send(envelope: Envelope, queue: str, hold: bool = False, app: Flask | None =
 
 
 class TaskMessages:
-    """The apply task's message as kombu's Redis channel writes it for Celery's ``send_task``.
+    """The apply task's message as Celery's ``send_task`` builds it (``task``), and as kombu's Redis
+    channel writes it (``build``).
 
     Celery builds the headers once per process (``create_task_message``: protocol 2, this process's
     node name as the origin); each message takes a copy with its own task id and argsrepr, its
@@ -107,20 +108,26 @@ class TaskMessages:
         self._headers: dict[str, Any] = {}
         self._embed: dict[str, Any] = {}
 
-    def build(self, celery: Celery, queue: str, args: tuple[Any, ...], argsrepr: str,
-              task_id: str | None = None, delivery_tag: str | None = None) -> dict[str, Any]:
+    def task(self, celery: Celery, args: tuple[Any, ...], argsrepr: str,
+             task_id: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+        """(headers, properties, JSON body) of ``create_task_message`` for this task id, from the template."""
         if self._pid != os.getpid():  # built again in a forked child: its origin names its own pid
             headers, _properties, body, _sent_event = celery.amqp.create_task_message(
                 "", APPLY_EVENT_TASK, (), {}, ignore_result=True, argsrepr="", kwargsrepr="")
             self._headers, self._embed, self._pid = headers, body[2], os.getpid()
-        task_id = task_id or uuid()
-        body = dumps((args, {}, self._embed))
+        return ({**self._headers, "id": task_id, "root_id": task_id, "argsrepr": argsrepr},
+                {"correlation_id": task_id, "reply_to": ""}, dumps((args, {}, self._embed)))
+
+    def build(self, celery: Celery, queue: str, args: tuple[Any, ...], argsrepr: str,
+              task_id: str | None = None, delivery_tag: str | None = None) -> dict[str, Any]:
+        """The message as kombu's Redis channel writes it."""
+        headers, properties, body = self.task(celery, args, argsrepr, task_id or uuid())
         return {
             "body": b64encode(body.encode()).decode("ascii"),
             "content-encoding": "utf-8",
             "content-type": "application/json",
-            "headers": {**self._headers, "id": task_id, "root_id": task_id, "argsrepr": argsrepr},
-            "properties": {"correlation_id": task_id, "reply_to": "", "delivery_mode": PERSISTENT,
+            "headers": headers,
+            "properties": {**properties, "delivery_mode": PERSISTENT,
                            "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
                            "body_encoding": "base64", "delivery_tag": delivery_tag or uuid()},
         }
@@ -137,8 +144,10 @@ class AmqpPublisher:
 
     Each server thread keeps a connection of its own, made as Celery makes its publishing
     connections (``connection_for_write``: the broker URL with its alternates, publisher confirms,
-    the connect timeout), and declares each queue once on it. Celery builds the message
-    (``create_task_message``); it is routed as ``send_task`` routes it (a direct exchange by the
+    the connect timeout), and declares each queue once on it. The message is Celery's, from the
+    template Celery built once per process (``TaskMessages.task``: Celery building it whole for
+    every publish cost about a tenth of the webhook's CPU, ``python -m bench.profile_ack
+    --breakdown``); it is routed as ``send_task`` routes it (a direct exchange by the
     anonymous exchange and the queue's name, any other by the queue's exchange and routing key) and
     published persistent on the connection's channel, which waits for the broker's confirm. Any
     error drops the thread's connection (the next publish connects again, to another node of a
@@ -150,8 +159,7 @@ class AmqpPublisher:
 
     def publish(self, celery: Celery, queue_name: str, args: tuple[Any, ...], argsrepr: str,
                 task_id: str | None = None) -> None:
-        headers, properties, body, _sent_event = celery.amqp.create_task_message(
-            task_id or uuid(), APPLY_EVENT_TASK, args, {}, ignore_result=True, argsrepr=argsrepr, kwargsrepr="")
+        headers, properties, body = TASK_MESSAGES.task(celery, args, argsrepr, task_id or uuid())
         queue: Queue = celery.amqp.queues[queue_name]
         exchange, routing_key = route(queue)
         if getattr(self._local, "celery", None) is not celery:  # another app (and broker) in this thread
@@ -165,7 +173,7 @@ class AmqpPublisher:
             if queue_name not in self._local.declared:  # once per connection and queue
                 maybe_declare(queue, channel)
                 self._local.declared.add(queue_name)
-            message = channel.prepare_message(dumps(body), priority=0, content_type="application/json",
+            message = channel.prepare_message(body, priority=0, content_type="application/json",
                                               content_encoding="utf-8", headers=headers,
                                               properties={**properties, "delivery_mode": PERSISTENT})
             channel.basic_publish(message, exchange=exchange, routing_key=routing_key)
