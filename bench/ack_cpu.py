@@ -74,9 +74,9 @@ Side = tuple[Path, str, dict[str, str]]  # the checkout, the WSGI app gunicorn s
 
 
 def measure(procs: Processes, sides: dict[str, Side], turns: int, seconds: int, open_seconds: int,
-            open_loop_for: list[str] | None = None) -> dict[str, Any]:
+            open_loop_for: list[str] | None = None, open_rate: float | None = None) -> dict[str, Any]:
     """Every side's server started at once, then measured in alternating turns; an open loop at half
-    its maximum on each side of ``open_loop_for`` (default: every side but "bare")."""
+    its maximum (or at ``open_rate``) on each side of ``open_loop_for`` (default: every side but "bare")."""
     servers: dict[str, tuple[int, list[int]]] = {}
     for name, (checkout, app, own_env) in sides.items():
         port = free_port()
@@ -109,6 +109,11 @@ def measure(procs: Processes, sides: dict[str, Side], turns: int, seconds: int, 
         out[name]["turns_rps"] = [round(run["rps"], 1) for run in runs]
     for name in [name for name in servers if name != "bare"] if open_loop_for is None else open_loop_for:
         port = servers[name][0]
+        if open_rate is not None:  # one rate for every side: where a tail comes from, rung by rung
+            step(f"{name}: open loop at {open_rate:.0f} req/s for {open_seconds} s")
+            empty_queues(procs.env)
+            out[name]["open_fixed"] = open_loop(port, open_rate, open_seconds, body_for, path=URL_PATH)
+            continue
         rate = max(20.0, out[name]["rps"] / 2)
         step(f"{name}: open loop at half its maximum, {rate:.0f} req/s for {open_seconds} s")
         empty_queues(procs.env)

@@ -157,6 +157,50 @@ def test_a_refusing_broker_refuses_the_path_not_celerys_own_events(tmp_path: Pat
     assert [r["what"] for r in records if r["event"] == "side"] == ["amqp (85, 10)"]
 
 
+_REDIS_PATH_THEN_HEARTBEAT = """
+import json, sys
+import redis, sitecustomize
+
+plan = {"trace": sys.argv[2], "fault": None, "db": None}
+client = redis.Redis.from_url(sys.argv[1])
+client.ping()
+sitecustomize.STATE.arm(plan, "enum-l0-0123456789")
+client.lpush("enum-queue", "one")
+client.publish("/0.celeryev/worker.heartbeat", "{}")  # the worker's heartbeat, fallen due mid-path
+client.publish("/0.celery.pidbox/", "{}")
+client.publish("/0.enum-fanout/key", "{}")  # any other fanout is a call like the rest
+client.lpush("enum-queue", "two")
+sitecustomize.STATE.end("done")
+print(client.llen("enum-queue"))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_celerys_own_events_on_redis_are_not_the_paths_steps(tmp_path: Path) -> None:
+    """On Redis, Celery's heartbeat is a PUBLISH to kombu's fanout channel: one that fell due while
+    a worker path was armed was numbered as a step, and the path's recordings differed by it."""
+    import subprocess
+    import sys
+
+    from tests.support import RedisServer
+
+    trace = tmp_path / "path.trace"
+    env = {**os.environ, "PYTHONPATH": str(INJECT), "VOICE_ENUM": json.dumps({"role": "worker", "dir": str(tmp_path)})}
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        done = subprocess.run([sys.executable, "-c", _REDIS_PATH_THEN_HEARTBEAT, server.url, str(trace)], env=env,
+                              capture_output=True, text=True, timeout=45)
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "2"
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    steps = [r["label"] for r in records if r["event"] == "step"]
+    assert len(steps) == 3 and steps[0] == steps[2] and steps[1].startswith("redis PUBLISH"), steps
+    assert [r["what"] for r in records if r["event"] == "outside"] == [
+        "redis PUBLISH /0.celeryev/worker.heartbeat", "redis PUBLISH /0.celery.pidbox/"]
+
+
 @pytest.mark.timeout(30)
 def test_kills_that_leave_the_same_state_are_run_once() -> None:
     """'after k' and 'before k+1' share a run only where no broker frame came between them."""

@@ -14,7 +14,8 @@ holds a JSON plan. It wraps the clients, never the service's code:
   it opens a connection is not a step.
 - py-amqp: ``Channel._basic_publish``, the publisher-confirm wait, ``basic_ack``,
   ``basic_reject``/``basic_nack`` and ``_on_basic_deliver``. Celery's own events and remote
-  control (``MONITORING_EXCHANGES``) are never the path's: passed through, noted as "outside".
+  control (``MONITORING_EXCHANGES``; on Redis, PUBLISHes to their fanout channels) are never the
+  path's: passed through, noted as "outside".
 
 A path is armed (its calls are numbered from 0) in one of three ways, per process role:
 
@@ -69,6 +70,11 @@ _HEX_TAIL = re.compile(r"[0-9a-f]{16,}|[0-9a-f-]{32,}")
 # and published it again forever, the deferred reject never went out, the path never ended and
 # the worker took no other message (the harness error "the worker never applied the warm-up event").
 MONITORING_EXCHANGES = frozenset({"celeryev", "celery.pidbox", "reply.celery.pidbox"})
+# On Redis the same events are PUBLISHes to kombu's fanout channels, named "/<db>.<exchange>/<key>"
+# (the heartbeat: "/0.celeryev/worker.heartbeat"); one that fell due while a worker path was armed
+# was numbered as its step, and the path's recordings then differed by it.
+_REDIS_MONITORING_CHANNEL = re.compile(
+    rb"^/\d+\.(?:" + b"|".join(re.escape(e.encode()) for e in sorted(MONITORING_EXCHANGES)) + rb")(?:/|$)")
 
 
 class _State:
@@ -342,6 +348,10 @@ def _patch_redis() -> None:
             return original_send(self, command, check_health)
         if state.role == "worker" and names[0] == b"BRPOP":
             state.end("next BRPOP")  # the worker asks for its next message: the path is over
+            return original_send(self, command, check_health)
+        if names == [b"PUBLISH"] and len(commands[0]) > 1 and _REDIS_MONITORING_CHANNEL.match(commands[0][1]):
+            state.write({"event": "outside", "after": state.index - 1,
+                         "what": f"redis PUBLISH {commands[0][1].decode(errors='replace')}"})
             return original_send(self, command, check_health)
         if check_health:  # a health-check PING goes first, outside the step
             self.check_health()
