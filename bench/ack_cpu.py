@@ -74,9 +74,12 @@ Side = tuple[Path, str, dict[str, str]]  # the checkout, the WSGI app gunicorn s
 
 
 def measure(procs: Processes, sides: dict[str, Side], turns: int, seconds: int, open_seconds: int,
-            open_loop_for: list[str] | None = None, open_rate: float | None = None) -> dict[str, Any]:
+            open_loop_for: list[str] | None = None, open_rate: float | None = None,
+            open_turns: int = 1) -> dict[str, Any]:
     """Every side's server started at once, then measured in alternating turns; an open loop at half
-    its maximum (or at ``open_rate``) on each side of ``open_loop_for`` (default: every side but "bare")."""
+    its maximum on each side of ``open_loop_for`` (default: every side but "bare"), or with
+    ``open_rate`` every side of it at that one rate in ``open_turns`` alternating turns (the
+    median turn's figures, and every turn's p99)."""
     servers: dict[str, tuple[int, list[int]]] = {}
     for name, (checkout, app, own_env) in sides.items():
         port = free_port()
@@ -107,13 +110,20 @@ def measure(procs: Processes, sides: dict[str, Side], turns: int, seconds: int, 
                                  "switches_per_request")}
         out[name]["turns_cpu_us_per_request"] = [round(run["cpu_us_per_request"], 1) for run in runs]
         out[name]["turns_rps"] = [round(run["rps"], 1) for run in runs]
+    if open_rate is not None:  # one rate for every side: where a tail comes from, rung by rung
+        tails: dict[str, list[dict[str, float]]] = {name: [] for name in open_loop_for or []}
+        for turn in range(open_turns):
+            for name in tails:
+                empty_queues(procs.env)
+                tails[name].append(open_loop(servers[name][0], open_rate, open_seconds, body_for, path=URL_PATH))
+            step("open loop turn {}/{} at {:.0f} req/s, p99: {}".format(turn + 1, open_turns, open_rate, ", ".join(
+                f"{name} {runs[-1]['p99_ms']:.1f} ms" for name, runs in tails.items())))
+        for name, runs in tails.items():
+            middle = sorted(runs, key=lambda run: run["p99_ms"])[len(runs) // 2]
+            out[name]["open_fixed"] = {**middle, "turns_p99_ms": [run["p99_ms"] for run in runs]}
+        open_loop_for = []
     for name in [name for name in servers if name != "bare"] if open_loop_for is None else open_loop_for:
         port = servers[name][0]
-        if open_rate is not None:  # one rate for every side: where a tail comes from, rung by rung
-            step(f"{name}: open loop at {open_rate:.0f} req/s for {open_seconds} s")
-            empty_queues(procs.env)
-            out[name]["open_fixed"] = open_loop(port, open_rate, open_seconds, body_for, path=URL_PATH)
-            continue
         rate = max(20.0, out[name]["rps"] / 2)
         step(f"{name}: open loop at half its maximum, {rate:.0f} req/s for {open_seconds} s")
         empty_queues(procs.env)

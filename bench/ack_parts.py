@@ -5,7 +5,8 @@ request), so every difference between two rungs is the CPU one part costs as the
 
     .venv/bin/python -m bench.ack_parts --out bench/results/DATE-ack-parts.json
     .venv/bin/python -m bench.ack_parts --brokers redis --turns 1 --seconds 3      # a quick look
-    .venv/bin/python -m bench.ack_parts --open-rate 700     # and every rung's latency at 700 req/s, open loop
+    .venv/bin/python -m bench.ack_parts --open-rate 800     # and every rung's latency at 800 req/s, open
+                                                            # loop, 3 alternating turns (--open-turns)
 
 The ladder (``bench.ack_variants``):
 
@@ -94,7 +95,7 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"  {name:40s} {figures['rps']:7.0f} {figures['cpu_us_per_request']:10.0f} "
                          f"{figures['user_us_per_request']:6.0f} {figures['system_us_per_request']:6.0f} "
                          f"{figures['switches_per_request']:8.2f}"
-                         + (f" {tail['p50_ms']:10.1f} / {tail['p99_ms']:7.1f}" if tail else ""))
+                         + (f" {tail['p50_ms']:10.1f} / {tail['p99_ms']:7.1f} {tail['turns_p99_ms']}" if tail else ""))
         lines.append(f"  {'part':80s} {'CPU us/req':>10s}")
         for part, value in got["parts"].items():
             lines.append(f"  {part:80s} {value:10.0f}")
@@ -106,10 +107,12 @@ def main() -> int:
     parser.add_argument("--brokers", nargs="+", choices=["redis", "rabbitmq"], default=["redis", "rabbitmq"])
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=6, help="each turn's load on each server")
-    parser.add_argument("--out", type=Path, help="write the result here (bench.run.write_result, kind ack-parts)")
+    parser.add_argument("--out", type=Path, help="write the result here (bench.run.write_result, kind ack-parts; "
+                                                 "ack-tail with --open-rate)")
     parser.add_argument("--open-rate", type=float, help="after the turns, every rung in an open loop at this "
                                                         "rate (req/s): which part brings the latency's tail")
     parser.add_argument("--open-seconds", type=int, default=10, help="each rung's open loop (with --open-rate)")
+    parser.add_argument("--open-turns", type=int, default=3, help="alternating open-loop turns (with --open-rate)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: bash bench/run.sh installs it (apt-get install wrk)")
@@ -118,16 +121,20 @@ def main() -> int:
         ladder_of = ladder(broker)
         step(f"broker {broker}: {len(ladder_of)} servers side by side, {args.turns} turns")
         got = measure(procs, ladder_of, args.turns, args.seconds, args.open_seconds,
-                      open_loop_for=list(ladder_of) if args.open_rate else [], open_rate=args.open_rate)
+                      open_loop_for=list(ladder_of) if args.open_rate else [], open_rate=args.open_rate,
+                      open_turns=args.open_turns)
         return {"rungs": got, "parts": parts(got)}
 
     brokers = on_each_broker(args.brokers, "voice-ack-parts-", rungs)
     result = {"turns": args.turns, "seconds": args.seconds, "brokers": brokers,
-              **({"open_rate": args.open_rate, "open_seconds": args.open_seconds} if args.open_rate else {})}
+              **({"open_rate": args.open_rate, "open_seconds": args.open_seconds, "open_turns": args.open_turns}
+                 if args.open_rate else {})}
     print(table(result), file=sys.stderr)
     print(json.dumps(result, indent=1))
     if args.out:
-        write_result(args.out, "ack-parts", " ".join([".venv/bin/python -m bench.ack_parts", *sys.argv[1:]]), result)
+        # A run with the open loops is kept apart from the ladders docs/performance.md's tables come from.
+        write_result(args.out, "ack-tail" if args.open_rate else "ack-parts",
+                     " ".join([".venv/bin/python -m bench.ack_parts", *sys.argv[1:]]), result)
         step(f"written: {args.out}")
     return 0
 

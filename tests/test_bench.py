@@ -65,11 +65,14 @@ def _bench_json(args: list[str], tmp_path: Path, seconds: int) -> dict[str, Any]
 @pytest.mark.timeout(300)
 def test_the_ack_ladder_runs_on_both_brokers(tmp_path: Path) -> None:
     """bench.ack_parts (and with it bench.ack_cpu's turns and every server of bench.ack_variants,
-    the RabbitMQ floor included) runs end to end; no timing is asserted, only that every rung was
-    loaded and measured."""
-    result = _bench_json(["bench.ack_parts", "--turns", "1", "--seconds", "1"], tmp_path, 240)
+    the RabbitMQ floor included) runs end to end, with the open loops of ``--open-rate``; no timing is
+    asserted, only that every rung was loaded and measured."""
+    result = _bench_json(["bench.ack_parts", "--turns", "1", "--seconds", "1", "--open-rate", "50",
+                          "--open-seconds", "1", "--open-turns", "1"], tmp_path, 240)
     for broker in ("redis", "rabbitmq"):
         rungs = result["brokers"][broker]["rungs"]
         assert "service" in rungs and "bare" in rungs and len(rungs) >= 6, rungs
         assert all(rung["rps"] > 0 and rung["cpu_us_per_request"] > 0 for rung in rungs.values()), rungs
+        # every rung also loaded in the open loop, every request answered
+        assert all(rung["open_fixed"]["sent"] >= 40 and rung["open_fixed"]["errors"] == 0 for rung in rungs.values())
     assert "bare + confirmed publish" in result["brokers"]["rabbitmq"]["rungs"]
