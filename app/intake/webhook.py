@@ -2,11 +2,12 @@
 
 The webhook is answered by a WSGI application of its own (``WebhookEndpoint``), ahead of Flask's:
 Flask's request and app contexts, its URL matching, request hooks and response building cost a
-webhook more CPU than the rest of its checks together (``python -m bench.ack_parts``: the rung
-"the service's Flask app"). The request is werkzeug's, as Flask's is; the answers, headers, log
-line and metrics are the ones the rest of the service gives (``app.base.errors``,
-``app.register_request_hooks``). Every other method and path goes on to Flask, which still holds
-the route (the 405 for other methods, OPTIONS, the OpenAPI document's list of routes).
+webhook more CPU than the rest of its checks together (``python -m bench.ack_parts``: "the
+service's Flask app" in ``bench/results/2026-12-03-ack-parts.json``). The request is werkzeug's,
+as Flask's is; the answers, headers, log line and metrics are the ones the rest of the service
+gives (``app.base.errors``, ``app.register_request_hooks``). Every other method and path goes on
+to Flask, which still holds the route (the 405 for other methods, OPTIONS, the OpenAPI
+document's list of routes).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class WebhookEndpoint:
             log.exception("unhandled_error", error_type=type(error).__name__)
             status, content_type, body = 500, JSON, _json({"error": "internal server error"})
         record(status, time.perf_counter() - started, parsed[0] if parsed else None, request_id)
-        start_response(_STATUS_LINES[status], [
+        start_response(_STATUS_LINES.get(status) or f"{status} {HTTP_STATUS_CODES.get(status, 'Error')}", [
             ("Content-Type", content_type), ("Content-Length", str(len(body))), *headers.items(),
             (REQUEST_ID_HEADER, request_id), ("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-store"),
         ])
