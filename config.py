@@ -263,6 +263,9 @@ class Settings:
     voice_active_call_xml: str = DEFAULT_ACTIVE_CALL_XML
     event_max_retries: int = 14
     worker_metrics_port: int = 9808
+    # New events a worker process applies in one transaction at most (1: one at a time), and so
+    # the messages it takes from the broker ahead of applying them (its prefetch).
+    worker_batch_size: int = 50
     voice_hook_task: str = ""
     voice_hook_queue: str = "voice-hooks"
     event_retention_days: int = 0
@@ -350,6 +353,7 @@ class Settings:
             voice_active_call_xml=env.get("VOICE_ACTIVE_CALL_XML", "").strip() or DEFAULT_ACTIVE_CALL_XML,
             event_max_retries=_int(env, "EVENT_MAX_RETRIES", 14, 0, 100),
             worker_metrics_port=_int(env, "WORKER_METRICS_PORT", 9808, 0, 65535),
+            worker_batch_size=_int(env, "WORKER_BATCH_SIZE", 50, 1, 500),
             voice_hook_task=env.get("VOICE_HOOK_TASK", "").strip(),
             voice_hook_queue=env.get("VOICE_HOOK_QUEUE", "").strip() or "voice-hooks",
             event_retention_days=_int(env, "EVENT_RETENTION_DAYS", 0, 0, 36500),

@@ -69,6 +69,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "socket_connect_timeout": settings.redis_socket_timeout,
             "min_replicas": settings.redis_min_replicas,
             "replica_timeout_ms": settings.redis_replica_timeout_ms,
+            # A worker takes the apply messages waiting behind the one BRPOP gave it, up to its
+            # batch, in one round trip (app.plumbing.transport).
+            "take_ahead_queues": (WEBHOOK_QUEUE,) if settings.worker_batch_size > 1 else (),
         }
         if settings.broker_is_sentinel:
             # kombu asks the sentinels for this master on every new connection, so publishers
@@ -98,8 +101,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         # A worker process killed mid-task sends its message back instead of acknowledging it.
         "task_reject_on_worker_lost": True,
-        # One message per process at a time: none sits reserved behind a slow task or dies with it.
-        "worker_prefetch_multiplier": 1,
+        # On the Redis broker a worker process takes as many messages as it applies in one
+        # transaction (WORKER_BATCH_SIZE, app.applying.fastpath); elsewhere it applies one at a
+        # time, and takes one: none sits reserved behind a slow task or dies with it.
+        "worker_prefetch_multiplier": settings.worker_batch_size if settings.broker_is_redis else 1,
         "task_soft_time_limit": TASK_SOFT_TIME_LIMIT,
         "task_time_limit": TASK_TIME_LIMIT,
         "task_default_queue": WEBHOOK_QUEUE,

@@ -1,10 +1,11 @@
 """Does applying several events in one transaction pay? A plain loop of ``apply_event`` (one
 transaction per event) against the same kind of events staged N at a time (``stage_event``) and
-committed once, on a SQLite file and on PostgreSQL servers of the benchmark's own: one with
-fsync off (as bench/run.py starts it) and one with fsync and synchronous_commit on (a commit
-waits for its WAL flush, as in production). Modes are measured in alternating turns, each on
-fresh events, a chunk of 50 events at a time; figures are medians of the turns, ratios are of
-medians from this run.
+committed once, and against N at a time through ``batch.apply_batch`` (what the worker does: one
+statement per kind of row for the whole batch, "set N="), on a SQLite file and on PostgreSQL
+servers of the benchmark's own: one with fsync off (as bench/run.py starts it) and one with fsync
+and synchronous_commit on (a commit waits for its WAL flush, as in production). Modes are
+measured in alternating turns, each on fresh events, a chunk of 50 events at a time; figures are
+medians of the turns, ratios are of medians from this run.
 
     python -m bench.batch_apply                 # 15 turns of 300 events per mode and database
     python -m bench.batch_apply --turns 3 --events 400 --databases sqlite,pg-fsync
@@ -26,6 +27,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from app import create_app
+from app.applying.batch import apply_batch
 from app.applying.domain import apply_event, stage_event
 from app.base.extensions import db
 from app.base.timeutil import utcnow
@@ -109,7 +111,19 @@ def modes() -> dict[str, Callable[[Session, list[Event]], None]]:
     for size in BATCH_SIZES:
         made[f"N={size}"] = in_batches(size)
     made["N=10 savepoints"] = in_batches(10, savepoints=True)
+    for size in BATCH_SIZES[1:]:
+        made[f"set N={size}"] = set_based(size)
     return made
+
+
+def set_based(size: int) -> Callable[[Session, list[Event]], None]:
+    """``size`` events at a time through ``batch.apply_batch``: one statement per kind of row."""
+
+    def run(session: Session, batch: list[Event]) -> None:
+        for start in range(0, len(batch), size):
+            apply_batch(session, [(event, utcnow()) for event in batch[start:start + size]])
+
+    return run
 
 
 def measure(url: str, redis_url: str, turns: int, count: int, interleave: bool, label: str) -> dict[str, list[float]]:

@@ -52,6 +52,16 @@ def test_every_variable_is_read() -> None:
     assert (settings.log_level, settings.log_format) == ("DEBUG", "console")
 
 
+def test_a_worker_takes_its_batch_ahead_on_redis_and_one_message_on_rabbitmq() -> None:
+    from app.celery_app import celery_config
+
+    assert Settings.from_env({}).worker_batch_size == 50
+    on_redis = Settings.from_env({"WORKER_BATCH_SIZE": "20"})
+    assert celery_config(on_redis)["worker_prefetch_multiplier"] == 20
+    on_rabbitmq = Settings.from_env({"WORKER_BATCH_SIZE": "20", "CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1//"})
+    assert celery_config(on_rabbitmq)["worker_prefetch_multiplier"] == 1
+
+
 def test_secrets_are_not_in_the_repr() -> None:
     settings = Settings.from_env({"API_KEYS": "k-secret", "WEBHOOK_SECRETS": "s-secret", "WEBHOOK_TOKENS": "t-secret"})
     text = repr(settings)
@@ -68,6 +78,8 @@ def test_secrets_are_not_in_the_repr() -> None:
         ({"DEDUP_TTL_SECONDS": "1"}, "DEDUP_TTL_SECONDS"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
         ({"WEBHOOK_AUTH": "maybe"}, "WEBHOOK_AUTH"),
+        ({"WORKER_BATCH_SIZE": "0"}, "WORKER_BATCH_SIZE"),
+        ({"WORKER_BATCH_SIZE": "501"}, "WORKER_BATCH_SIZE"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict, names: str) -> None:

@@ -221,6 +221,12 @@ def mark_applied(seams: SeamEnv, envelope: Envelope) -> None:
     seams.client.set(dedup.DEDUP_PREFIX + envelope.key, f"{dedup.DONE}:{stamp(parse_rfc3339(envelope.received_at))}")
 
 
+def claimed_elsewhere(seams: SeamEnv, envelope: Envelope) -> None:
+    """Another task holds the event's claim: the strategy's batch leaves it to a task request."""
+    with seams.app.app_context():
+        assert dedup.claim(envelope.key, "another-task", parse_rfc3339(envelope.received_at)) == "claimed"
+
+
 def celery_consumer(seams: SeamEnv, requests: list[Any], **options: Any) -> CeleryConsumer:
     """Celery's own worker consumer for the service's app, built but not started: what the worker's
     steps call ``update_strategies`` and ``create_task_handler`` on. Starting it would start a
@@ -271,11 +277,50 @@ def _unacked_per_queue(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
     mp.setattr(kombu_redis.QoS, "append", append)
 
 
+@seam("kombu_redis_channel_brpop_read")
+def check_kombu_redis_channel_brpop_read(seams: SeamEnv) -> None:
+    """kombu's Redis channel reads each BRPOP reply in ``_brpop_read(**options)``, which delivers
+    its one message and returns True; app.plumbing.transport's channel then takes the messages
+    waiting behind it in a take-ahead queue, as many as the consumer's prefetch leaves room for
+    (``qos.can_consume_max_estimate()``), records each as kombu records the message it hands out
+    (the unacked hash's [message, exchange, routing key], the index) and delivers them."""
+    conn = seams.connection(take_ahead_queues=(QUEUE,))
+    ids = [f"ahead-{i}" for i in range(4)]
+    for task_id in ids:
+        publish(conn, QUEUE, task_id)
+    taker = Taker(conn, QUEUE)
+    taker.channel.basic_qos(0, 3, False)
+    first = taker.take()
+    assert first is not None, "nothing was delivered"
+    taken = [first, *taker.received]
+    assert [m.headers["id"] for m in taken] == ids[:3], (
+        f"after the BRPOP's message the channel delivered {[m.headers['id'] for m in taken]}, not the next ones up "
+        "to the prefetch of 3: the take-ahead did not run")
+    qos = taker.channel.qos
+    for message in taken:
+        payload, exchange, routing_key = json.loads(seams.client.hget(qos.unacked_key, message.delivery_tag))
+        assert (payload["headers"]["id"], exchange, routing_key) == (message.headers["id"], "", QUEUE), payload
+        assert seams.client.zscore(qos.unacked_index_key, message.delivery_tag) is not None
+    assert list(list_holding(seams.client)) == ids[3:], "the take-ahead took more than the prefetch's room"
+    qos.restore_unacked()  # a closing connection's deliveries go back, the taken-ahead ones with them
+    assert sorted(list_holding(seams.client)) == ids, f"back in the queue: {sorted(list_holding(seams.client))}"
+
+
+def _brpop_reply_read_by_kombu_alone(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
+    original = kombu_redis.Channel.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:  # kombu N+1: the reply read elsewhere
+        original(self, *args, **kwargs)
+        self.handlers["BRPOP"] = functools.partial(kombu_redis.Channel._brpop_read, self)
+
+    mp.setattr(kombu_redis.Channel, "__init__", __init__)
+
+
 @seam("dedup_claim_acknowledges_by_delivery_tag")
 def check_dedup_claim_acknowledges_by_delivery_tag(seams: SeamEnv) -> None:
     """HDEL of the delivery tag from kombu's unacked hash and ZREM from its index, as app/plumbing/dedup.py's
-    claim script does for a duplicate, acknowledge the message: kombu keeps no other record of it
-    and does not deliver it again."""
+    claim script does for a duplicate and its batch's done marks do for an applied event, acknowledge
+    the message: kombu keeps no other record of it and does not deliver it again."""
     envelope = event_envelope("SEAM-DUPLICATE")
     send_event(seams, envelope)
     mark_applied(seams, envelope)
@@ -288,6 +333,16 @@ def check_dedup_claim_acknowledges_by_delivery_tag(seams: SeamEnv) -> None:
                         f"in {left}: the turned-away duplicate would be delivered again")
     message.channel.qos.restore_unacked()  # what kombu does with a closing connection's deliveries
     assert seams.client.llen(WEBHOOK_QUEUE) == 0, "kombu put the message the claim acknowledged back in its queue"
+    # The same writes in a batch's done marks (dedup.finish_many: transport.remove_unacked).
+    applied = event_envelope("SEAM-APPLIED")
+    send_event(seams, applied)
+    message = take_one(seams.connection(), WEBHOOK_QUEUE)
+    with seams.app.app_context():
+        dedup.finish_many([(applied.key, parse_rfc3339(applied.received_at), message.headers["id"])])
+    left = holders_of(seams.client, message.delivery_tag)
+    assert left == [], f"after a batch's done marks kombu still records delivery tag {message.delivery_tag} in {left}"
+    message.channel.qos.restore_unacked()
+    assert seams.client.llen(WEBHOOK_QUEUE) == 0, "kombu put the message a batch acknowledged back in its queue"
 
 
 def _unacked_also_indexed_elsewhere(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
@@ -730,10 +785,50 @@ def check_celery_task_strategy(seams: SeamEnv) -> None:
         f"the apply task's strategy is {strategy!r}, not the one app.applying.fastpath builds")
     envelope = event_envelope("SEAM-NEW")
     send_event(seams, envelope)
+    claimed_elsewhere(seams, envelope)
     message = take_one(seams.connection(), WEBHOOK_QUEUE)
     consumer.create_task_handler()(message)  # how the consumer hands a message to its strategy
     assert [request.id for request in requests] == [message.headers["id"]], (
-        f"a new event's message did not reach Celery's own handler as a task request: {requests}")
+        f"an event the batch left to the task did not reach Celery's own handler as a task request: {requests}")
+
+
+@seam("kombu_hub_timer")
+def check_kombu_hub_timer(seams: SeamEnv) -> None:
+    """A worker's consumer holds the event loop's hub (``consumer.hub``), whose timer takes
+    ``call_after(seconds, fun)`` and returns an entry with ``cancel()``, and the hub runs an entry
+    that fell due in ``fire_timers``, between two polls: app.applying.fastpath applies a batch that
+    no message joined for BATCH_IDLE_SECONDS that way."""
+    hub = Hub()
+    seams.cleanups.append(hub.close)
+    requests: list[Any] = []
+    consumer = celery_consumer(seams, requests, hub=hub)
+    consumer.update_strategies()
+    handle = consumer.create_task_handler()
+    taker = Taker(seams.connection(), WEBHOOK_QUEUE)
+    for session in ("SEAM-HELD-1", "SEAM-HELD-2"):
+        send_event(seams, event_envelope(session))
+    held = [taker.take(), taker.take()]
+    for message in held:
+        handle(message)
+    assert not any(message.acknowledged for message in held), "the strategy did not hold the messages for a batch"
+    time.sleep(fastpath.BATCH_IDLE_SECONDS * 4)
+    hub.fire_timers()
+    assert [holders_of(seams.client, message.delivery_tag) for message in held] == [[], []] and requests == [], (
+        "the hub's fire_timers did not apply the held batch: its messages are still unacknowledged in Redis, "
+        f"task requests {requests}")
+    deadline = time.monotonic() + 5
+    while not all(message.acknowledged for message in held) and time.monotonic() < deadline:
+        hub.run_once()  # the acknowledgements the consumer put on the hub's next round (call_soon)
+    assert all(message.acknowledged for message in held), "the held messages were never acknowledged in kombu"
+
+
+def _timer_in_milliseconds(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
+    original = Timer.call_after
+
+    def call_after(self: Any, msecs: float, fun: Any, *args: Any, **kwargs: Any) -> Any:  # kombu N+1
+        return original(self, msecs * 1000, fun, *args, **kwargs)
+
+    mp.setattr(Timer, "call_after", call_after)
 
 
 def _default_strategy_reordered(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
@@ -848,7 +943,9 @@ def check_celery_request_acknowledge(seams: SeamEnv) -> None:
     requests: list[Any] = []
     consumer = celery_consumer(seams, requests)
     consumer.update_strategies()
-    send_event(seams, event_envelope("SEAM-NEW"))
+    envelope = event_envelope("SEAM-NEW")
+    send_event(seams, envelope)
+    claimed_elsewhere(seams, envelope)
     message = take_one(seams.connection(), WEBHOOK_QUEUE)
     consumer.create_task_handler()(message)
     assert len(requests) == 1, f"no task request was made: {requests}"
@@ -1146,6 +1243,14 @@ def test_seam_celery_task_strategy(env: SeamEnv) -> None:
     check_celery_task_strategy(env)
 
 
+def test_seam_kombu_redis_channel_brpop_read(env: SeamEnv) -> None:
+    check_kombu_redis_channel_brpop_read(env)
+
+
+def test_seam_kombu_hub_timer(env: SeamEnv) -> None:
+    check_kombu_hub_timer(env)
+
+
 def test_seam_celery_strategy_ack(env: SeamEnv) -> None:
     check_celery_strategy_ack(env)
 
@@ -1197,6 +1302,7 @@ class Seam:
 
 SEAMS = (
     Seam(check_kombu_redis_unacked_keys, _unacked_per_queue),
+    Seam(check_kombu_redis_channel_brpop_read, _brpop_reply_read_by_kombu_alone),
     Seam(check_dedup_claim_acknowledges_by_delivery_tag, _unacked_also_indexed_elsewhere),
     Seam(check_kombu_redis_qos_remove_from_indices, _remove_at_once),
     Seam(check_kombu_redis_qos_pipe_or_acquire, _pipe_or_acquire_yields_client),
@@ -1213,6 +1319,7 @@ SEAMS = (
     Seam(check_kombu_redis_channel_from_transport_options, _options_read_from_elsewhere),
     Seam(check_celery_app_redis_transport_options, _throttle_option_dropped),
     Seam(check_celery_task_strategy, _default_strategy_reordered),
+    Seam(check_kombu_hub_timer, _timer_in_milliseconds),
     Seam(check_celery_strategy_ack, _ack_log_error_keywords_only),
     Seam(check_celery_event_dispatcher_groups, _groups_renamed),
     Seam(check_celery_consumer_connection_errors, _connection_errors_reshaped),
@@ -1258,3 +1365,26 @@ def test_global_keyprefix_is_refused_when_a_channel_is_made(redis_server: RedisS
         sentinel.default_channel  # noqa: B018
     with Connection(redis_server.url, transport=PROJECT_TRANSPORT, transport_options={"global_keyprefix": ""}) as conn:
         assert isinstance(conn.default_channel, transport.Channel)  # kombu's default, no prefix: accepted
+
+
+# --- the take-ahead script on what kombu did not write ------------------------------------------
+
+
+def test_take_ahead_stops_at_a_message_of_another_shape_and_loses_nothing(env: SeamEnv) -> None:
+    """Behind the message BRPOP gave: two of kombu's, then one that is not JSON, then another of
+    kombu's. The script takes the two, leaves the rest where it was (kombu's own consumer takes
+    the odd one next, as it always did), and writes nothing for what it did not take."""
+    conn = env.connection(take_ahead_queues=(QUEUE,))
+    for task_id in ("first", "second", "third"):
+        publish(conn, QUEUE, task_id)
+    env.client.lpush(QUEUE, b"not json")
+    publish(conn, QUEUE, "after-the-odd-one")
+    taker = Taker(conn, QUEUE)
+    taker.channel.basic_qos(0, 10, False)
+    first = taker.take()
+    assert first is not None
+    assert [m.headers["id"] for m in [first, *taker.received]] == ["first", "second", "third"]
+    behind, odd = env.client.lrange(QUEUE, 0, -1)  # the list's right end is the next to take
+    assert odd == b"not json" and json.loads(behind)["headers"]["id"] == "after-the-odd-one", (
+        "the odd message and the one behind it stay queued, in order")
+    assert env.client.hlen(taker.channel.qos.unacked_key) == 3

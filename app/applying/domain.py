@@ -192,7 +192,7 @@ def stage_event(
         _announce(session, recording, url_before)
     # A plain INSERT: nothing in this transaction reads the row back as an object, and the unit of
     # work's bookkeeping for it cost more CPU than the statement.
-    session.execute(_EVENT_INSERT, {
+    session.execute(EVENT_INSERT, {
         "recording_id": event.session_id, "fingerprint": fingerprint, "received_at": received_at,
         "phone_number": event.phone_number, "status": event.status, "duration": event.duration,
         "recording_url": event.recording_url, "outcome": outcome, "payload": event.payload,
@@ -200,7 +200,7 @@ def stage_event(
     return outcome, True
 
 
-_EVENT_INSERT = WebhookEvent.__table__.insert()
+EVENT_INSERT = WebhookEvent.__table__.insert()
 
 
 def _rebuild_from_events(session: Session, recording: VoiceRecording, now: datetime) -> bool:

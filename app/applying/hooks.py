@@ -115,8 +115,9 @@ def relay(session: Session, recording_id: str | None = None, path: str = "commit
     return sent
 
 
-def relay_after_commit(session: Session, recording_id: str) -> None:
-    """The worker's send right after the change committed, when that change staged a hook; the
+def relay_after_commit(session: Session, recording_id: str | None) -> None:
+    """The worker's send right after the change committed (a batch's: every recording's), when
+    that change staged a hook; the
     sweeper covers any failure here (and a row an earlier relay left). An event that staged
     nothing costs no query here."""
     if not session.info.pop(STAGED, False) or not hook_task():

@@ -8,6 +8,7 @@ fingerprint stays the final guard when Redis has forgotten a key or cannot be re
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import redis
 import structlog
@@ -81,9 +82,27 @@ def claim(key: str, owner: str, received_at: datetime) -> str:
     from pending, and its message acknowledged when this process consumes it: see
     ``transport.current_delivery``), 'earlier' (applied, but this copy arrived first) or 'busy'
     (another task holds it). ``owner`` is the task's id."""
-    token = f"claim:{owner}"
+    keys, args, delivery = _claim_call(key, owner, received_at)
+    return _claim_state(_client().eval(_CLAIM, len(keys), *keys, *args), owner, delivery)
+
+
+def claim_many(claims: list[tuple[str, str, datetime]]) -> list[str]:
+    """``claim`` for several events (key, owner, arrival time), in one round trip: the claims'
+    scripts in one pipeline (not a transaction: each script is atomic on its own, and each
+    answer is read on its own). Raises the first error any of them met."""
+    pipe = _client().pipeline(transaction=False)
+    calls = []
+    for key, owner, received_at in claims:
+        keys, args, delivery = _claim_call(key, owner, received_at)
+        pipe.eval(_CLAIM, len(keys), *keys, *args)
+        calls.append((owner, delivery))
+    answers = pipe.execute()
+    return [_claim_state(answer, owner, delivery) for answer, (owner, delivery) in zip(answers, calls, strict=True)]
+
+
+def _claim_call(key: str, owner: str, received_at: datetime) -> tuple[list[str], list[object], Any]:
     keys = [DEDUP_PREFIX + key]
-    args: list[object] = [token, CLAIM_TTL_SECONDS, key, stamp(received_at)]
+    args: list[object] = [f"claim:{owner}", CLAIM_TTL_SECONDS, key, stamp(received_at)]
     delivery = None
     if pending.in_use():
         keys += [pending.PENDING_DATA, pending.PENDING_DUE, pending.PENDING_SENDS]
@@ -91,7 +110,11 @@ def claim(key: str, owner: str, received_at: datetime) -> str:
         if delivery is not None:
             keys += list(delivery.unacked_keys)
             args.append(delivery.tag)
-    state = _client().eval(_CLAIM, len(keys), *keys, *args).decode()
+    return keys, args, delivery
+
+
+def _claim_state(answer: bytes, owner: str, delivery: Any) -> str:
+    state = answer.decode()
     if state == "duplicate" and delivery is not None:
         transport.acked_by_task(delivery.tag)
     if state in {"claimed", "duplicate"}:
@@ -99,7 +122,7 @@ def claim(key: str, owner: str, received_at: datetime) -> str:
     if state.startswith(DONE):
         return "earlier"
     # A redelivered message keeps its task id: its own stale claim is still its own.
-    return "claimed" if state == token else "busy"
+    return "claimed" if state == f"claim:{owner}" else "busy"
 
 
 def finish(key: str, received_at: datetime, owner: str | None = None) -> None:
@@ -126,6 +149,26 @@ def finish(key: str, received_at: datetime, owner: str | None = None) -> None:
     pipe = _client().pipeline(transaction=True)
     write(pipe)
     pipe.execute()
+
+
+def finish_many(done: list[tuple[str, datetime, str]]) -> None:
+    """``finish`` for several applied events (key, arrival time, owner) on the Redis broker, in one
+    MULTI/EXEC: every done mark, every pending drop, and the acknowledgement of each message this
+    process consumes (its delivery removed from kombu's unacknowledged set, as kombu's own
+    acknowledgement does, which then costs no round trip). All of it is written or none."""
+    ttl = current_app.extensions["settings"].dedup_ttl_seconds
+    pipe = _client().pipeline(transaction=True)
+    acked = []
+    for key, received_at, owner in done:
+        pipe.set(DEDUP_PREFIX + key, f"{DONE}:{stamp(received_at)}", ex=ttl)
+        pending.drop(pipe, key)
+        delivery = transport.current_delivery(owner)
+        if delivery is not None:
+            transport.remove_unacked(pipe, delivery)
+            acked.append(delivery.tag)
+    pipe.execute()
+    for tag in acked:
+        transport.acked_by_task(tag)
 
 
 def release(key: str, owner: str) -> None:

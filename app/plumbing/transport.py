@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +38,7 @@ from typing import Any
 import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
-from kombu.utils.json import dumps
+from kombu.utils.json import dumps, loads
 
 HOLD_HEADER = "x-voice-hold"
 
@@ -60,6 +61,42 @@ return redis.call('lpush', KEYS[3], ARGV[4])
 
 
 _PUT_HELD_SHA = hashlib.sha1(_PUT_HELD.encode(), usedforsecurity=False).hexdigest()  # how Redis names scripts
+
+# Takes up to ARGV[1] more messages from the list KEYS[1] (those a BRPOP would take next) and
+# records each as kombu records a message it hands out (``QoS.append``: field <delivery tag> of
+# the unacknowledged hash KEYS[2], valued [message, exchange, routing key], and member of the
+# index KEYS[3], scored ARGV[2]), all in one round trip. Only messages of the shape kombu writes
+# are taken, the first other one ends the run (kombu's own consumer then takes it, as before);
+# the keys' types are checked before anything is written, so a script error takes nothing.
+_TAKE_AHEAD = """
+local kinds = {redis.call('type', KEYS[2])['ok'], redis.call('type', KEYS[3])['ok']}
+if (kinds[1] ~= 'none' and kinds[1] ~= 'hash') or (kinds[2] ~= 'none' and kinds[2] ~= 'zset') then
+  return redis.error_reply('WRONGTYPE the unacknowledged hash or its index')
+end
+local items = redis.call('lrange', KEYS[1], -tonumber(ARGV[1]), -1)
+local taken = {}
+for i = #items, 1, -1 do
+  local ok, message = pcall(cjson.decode, items[i])
+  if not ok or type(message) ~= 'table' or type(message['properties']) ~= 'table' then break end
+  local properties = message['properties']
+  local info = properties['delivery_info']
+  if type(properties['delivery_tag']) ~= 'string' or type(info) ~= 'table' then break end
+  local ok_ex, exchange = pcall(cjson.encode, info['exchange'])
+  local ok_rk, routing_key = pcall(cjson.encode, info['routing_key'])
+  if not ok_ex or not ok_rk then break end
+  taken[#taken + 1] = {items[i], properties['delivery_tag'], exchange, routing_key}
+end
+if #taken == 0 then return {} end
+redis.call('rpop', KEYS[1], #taken)
+local out = {}
+for i, t in ipairs(taken) do
+  redis.call('zadd', KEYS[3], ARGV[2], t[2])
+  redis.call('hset', KEYS[2], t[2], '[' .. t[1] .. ', ' .. t[3] .. ', ' .. t[4] .. ']')
+  out[i] = t[1]
+end
+return out
+"""
+_TAKE_AHEAD_SHA = hashlib.sha1(_TAKE_AHEAD.encode(), usedforsecurity=False).hexdigest()
 
 
 class ReplicasBehind(redis.RedisError):
@@ -126,6 +163,14 @@ def ride_on_ack(task_id: str, add: Callable[[Any], None]) -> bool:
     return True
 
 
+def remove_unacked(pipe: Any, delivery: Delivery) -> None:
+    """Add to ``pipe`` what kombu's acknowledgement writes: the delivery out of the unacknowledged
+    hash and its index (``QoS._remove_from_indices``); the caller then says ``acked_by_task``."""
+    unacked, index = delivery.unacked_keys
+    pipe.zrem(index, delivery.tag)
+    pipe.hdel(unacked, delivery.tag)
+
+
 def acked_by_task(delivery_tag: str) -> None:
     """The task removed its message from the unacknowledged set itself (in a script of its own)."""
     _Acks.acked.add(delivery_tag)
@@ -146,11 +191,16 @@ class QoS(kombu_redis.QoS):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.recorded: set[str] = set()  # delivery tags the take-ahead script recorded already
         _Acks.pid = os.getpid()
         _Acks.keys = (self.unacked_key, self.unacked_index_key)
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        super().append(message, delivery_tag)
+        if delivery_tag in self.recorded:  # in Redis already: only the channel's own bookkeeping
+            self.recorded.discard(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)
+        else:
+            super().append(message, delivery_tag)
         task_id = (message.headers or {}).get("id")
         if task_id:
             _Acks.thread = threading.get_ident()
@@ -187,6 +237,9 @@ class HoldingChannel:
     # Transport options (REDIS_MIN_REPLICAS, REDIS_REPLICA_TIMEOUT_MS): 0 waits for no replica.
     min_replicas: int = 0
     replica_timeout_ms: int = 200
+    # Transport option: queues whose waiting messages a consumer takes ahead, as many as its
+    # prefetch allows, in one round trip after each message BRPOP gave it.
+    take_ahead_queues: tuple[str, ...] = ()
 
     def __init__(self, connection: Any, **kwargs: Any) -> None:
         refuse_unsupported_options(connection.client.transport_options or {})
@@ -198,6 +251,36 @@ class HoldingChannel:
         if self._sync_client is None:
             self._sync_client = super()._create_client()
         return self._sync_client
+
+    def _brpop_read(self, **options: Any) -> bool:
+        """kombu's read of a BRPOP reply (one message delivered); then, as the consumer's
+        prefetch allows, the messages waiting behind it in a take-ahead queue, in one round trip."""
+        delivered = super()._brpop_read(**options)
+        if delivered and self.take_ahead_queues:
+            self._take_ahead()
+        return delivered
+
+    def _take_ahead(self) -> None:
+        room = self.qos.can_consume_max_estimate()
+        for queue in self.take_ahead_queues:
+            if not room or queue not in self.active_queues:
+                continue
+            key = self._q_for_pri(queue, self.priority_steps[0])
+            keys = [key, self.qos.unacked_key, self.qos.unacked_index_key]
+            try:
+                with self.conn_or_acquire() as client:
+                    try:
+                        items = client.evalsha(_TAKE_AHEAD_SHA, len(keys), *keys, room, time.time())
+                    except redis.exceptions.NoScriptError:
+                        client.script_load(_TAKE_AHEAD)
+                        items = client.evalsha(_TAKE_AHEAD_SHA, len(keys), *keys, room, time.time())
+            except redis.RedisError:
+                return  # nothing was taken (one script): the next BRPOP takes them one by one
+            for item in items:
+                message = loads(item)
+                self.qos.recorded.add(message["properties"]["delivery_tag"])
+                self.connection._deliver(message, queue)
+                room -= 1
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         hold = (message.get("headers") or {}).pop(HOLD_HEADER, None)
@@ -273,7 +356,7 @@ def _put_held_and_wait(client: redis.Redis, keys: list[str], args: list[Any], mi
         return
 
 
-_OPTIONS = ("min_replicas", "replica_timeout_ms")
+_OPTIONS = ("min_replicas", "replica_timeout_ms", "take_ahead_queues")
 
 
 class Channel(HoldingChannel, kombu_redis.Channel):

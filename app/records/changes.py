@@ -47,11 +47,11 @@ START: Position = (-1, "")  # before every recording (positions start at 0)
 
 def mark_changed(session: Session, recording: VoiceRecording) -> None:
     """Move a recording to the feed's end, in the transaction that changes it (evaluated at flush)."""
-    recording.change_position = _next_position(session.connection().dialect.name)  # type: ignore[assignment]
+    recording.change_position = next_position(session.connection().dialect.name)  # type: ignore[assignment]
 
 
 @functools.cache
-def _next_position(dialect: str) -> Any:
+def next_position(dialect: str) -> Any:
     """The SQL a change's position is (built once per dialect: an expression is immutable)."""
     if dialect == "postgresql":
         return cast(cast(func.pg_current_xact_id(), Text), BigInteger)

@@ -4,9 +4,13 @@ sees every task. The duplicates are still applied once: the task itself finds th
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -18,7 +22,7 @@ from app.plumbing.pending import PENDING_DUE
 from config import Settings
 from tests.conftest import migrate
 from tests.e2e.test_flower import procfile_command
-from tests.e2e.test_worker_line import commands, queue
+from tests.e2e.test_worker_line import queue
 from tests.support import ROOT, RedisServer, spawn, stop_group, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -42,11 +46,36 @@ def service(tmp_path: Path) -> Iterator[dict[str, str]]:
         server.stop()
 
 
-def drain(env: dict[str, str], log: Path, *options: str) -> dict[str, int]:
+class TaskEvents:
+    """Celery's task events as they reach Redis (kombu's fanout: PUBLISHes on the celeryev
+    channels, each an event or a list of them, base64 in kombu's message), by type."""
+
+    def __init__(self, url: str) -> None:
+        self.pubsub = redis.Redis.from_url(url).pubsub()
+        self.seen: dict[str, set[str]] = {}
+        self.pubsub.psubscribe(**{"*celeryev*": self.note})
+        self.thread = self.pubsub.run_in_thread(sleep_time=0.05, daemon=True)
+
+    def note(self, item: dict[str, Any]) -> None:
+        message = json.loads(item["data"])
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        found = json.loads(body)
+        for event in found if isinstance(found, list) else [found]:
+            if "uuid" in event:
+                self.seen.setdefault(event["type"], set()).add(event["uuid"])
+
+    def stop(self) -> None:
+        self.thread.stop()  # the thread closes the subscription itself as it ends
+        self.thread.join(timeout=5)
+
+
+def drain(env: dict[str, str], log: Path, *options: str) -> dict[str, set[str]]:
     """The Procfile's worker line with ``options`` added, until every queued event is applied and
-    acknowledged; returns the Redis commands sent meanwhile, by name."""
+    acknowledged; returns the task ids of each type of task event published meanwhile."""
     client = redis.Redis.from_url(env["REDIS_URL"])
-    client.config_resetstat()
+    events = TaskEvents(env["REDIS_URL"])
     worker = spawn(["bash", "-c", " ".join([procfile_command("worker"), *options])], log=log, cwd=ROOT, env=env)
     try:
         wait_for(lambda: client.zcard(PENDING_DUE) == 0, timeout=120, interval=0.1)
@@ -54,9 +83,10 @@ def drain(env: dict[str, str], log: Path, *options: str) -> dict[str, int]:
                  interval=0.1)
     finally:
         stop_group(worker)
-    sent = commands(client)
+        time.sleep(0.5)  # the last events' delivery to the subscriber
+        events.stop()
     client.close()
-    return sent
+    return events.seen
 
 
 def outcomes(log: Path) -> list[str]:
@@ -71,16 +101,18 @@ def test_a_worker_sending_task_events_turns_no_duplicate_away_on_arrival(service
     assert sum('"outcome": "applied"' in line for line in outcomes(tmp_path / "new.log")) == EVENTS
 
     queue(service, events)  # every one again: duplicates, to a worker with task events on
-    sent = drain(service, tmp_path / "watched.log", "-E")
+    seen = drain(service, tmp_path / "watched.log", "-E")
     watched = outcomes(tmp_path / "watched.log")
-    assert sent.get("publish", 0) >= EVENTS, sent  # task events went out: -E took effect
+    task_ids = {json.loads(line)["task_id"] for line in watched}
+    assert len(task_ids) == EVENTS and seen.get("task-succeeded", set()) >= task_ids, (
+        sorted((kind, len(ids)) for kind, ids in seen.items()))  # every task's events went out: -E took effect
     assert sum('"outcome": "duplicate"' in line for line in watched) == EVENTS  # each one a task...
     assert not [line for line in watched if '"turned_away"' in line]  # ...none turned away on arrival
 
     # The control: the same duplicates to the same line without -E are turned away on arrival, so
     # the absence above is the task events' doing, not a log line that changed.
     queue(service, events)
-    drain(service, tmp_path / "unwatched.log")
+    assert not drain(service, tmp_path / "unwatched.log").get("task-succeeded")  # no task events
     unwatched = outcomes(tmp_path / "unwatched.log")
     assert sum('"turned_away": "on arrival"' in line for line in unwatched) == EVENTS
 

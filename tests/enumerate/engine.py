@@ -211,6 +211,7 @@ class Session:
 
 
 WAIT = "wait for the recording"
+NEVER_ARMED_RUNS_AGAIN = 2
 
 
 class Scheduler:
@@ -314,6 +315,16 @@ class Scheduler:
         report = self.reports[path.name]
         try:
             run, broken, seconds = execute(path, lane, job.fault)
+            for _ in range(NEVER_ARMED_RUNS_AGAIN):
+                if job.fault is None or any(r["event"] == "armed" for r in run.trace_records()):
+                    break
+                # The path never started: the run's message reached the worker without arming it,
+                # so no call was numbered and no fault could strike (one way: taken ahead behind
+                # another message by the take-ahead script, not by a BRPOP reply of its own). Not
+                # a fault's effect: the run is made again.
+                self.progress(f"[{path.name}] step {job.fault['step']} {job.fault['kind']}: the path never "
+                              "started; run again")
+                run, broken, seconds = execute(path, lane, job.fault)
         except Exception as exc:
             why = f"run {job.fault} failed: {exc!r}\n{traceback.format_exc()[-2000:]}"
             if job.fault is None:

@@ -204,7 +204,7 @@ def drain(run: Run) -> None:
 
 def replay(run: Run) -> None:
     """``flask voice replay --all`` sends a dead letter again."""
-    dead_letter_first("first", "db")(run)
+    dead_letter_first("twice", "db")(run)
     run.run_command("voice", "replay", "--all")
 
 
@@ -282,13 +282,15 @@ PATHS: dict[str, PathDef] = {p.name: p for p in [
             webhook, settle_seconds=REDIS_SETTLE, run_seconds=6),
     PathDef("webhook-rabbitmq", "web: publish with publisher confirms on RabbitMQ", "web", webhook,
             LaneSpec(broker=RABBITMQ), settle_seconds=RABBIT_SETTLE, run_seconds=6),
-    PathDef("apply-redis", "worker: take, claim, apply, acknowledge (Redis broker)", "worker", worker_path(),
+    PathDef("apply-redis", "worker: take, hold in a batch, claim, apply, mark done and acknowledge (Redis broker)",
+            "worker", worker_path(),
             settle_seconds=REDIS_SETTLE, run_seconds=35),
     PathDef("apply-rabbitmq", "worker: take, claim, apply, acknowledge (RabbitMQ; Redis only the dedup cache)",
             "worker", worker_path(), LaneSpec(broker=RABBITMQ),
             settle_seconds=RABBIT_SETTLE, run_seconds=8),
-    PathDef("retry-redis", "worker: the database fails once, the task retries (Redis broker)", "worker",
-            worker_path(db="first"), settle_seconds=REDIS_SETTLE, run_seconds=35),
+    PathDef("retry-redis", "worker: the database fails the batch's transaction, then the task's attempt alone; "
+            "the task retries (Redis broker)", "worker", worker_path(db="twice"), settle_seconds=REDIS_SETTLE,
+            run_seconds=35),
     PathDef("retry-rabbitmq", "worker: the database fails once, the task retries (RabbitMQ)", "worker",
             worker_path(db="first"), LaneSpec(broker=RABBITMQ), settle_seconds=RABBIT_SETTLE, run_seconds=10),
     PathDef("deadletter-redis", "worker: EVENT_MAX_RETRIES=0, the database down: the event is dead-lettered",

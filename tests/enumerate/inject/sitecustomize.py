@@ -30,13 +30,14 @@ A path is armed (its calls are numbered from 0) in one of three ways, per proces
 - ``cli``: from the start of the process (the plan is in ``VOICE_ENUM`` itself) to its exit.
 
 A plan is ``{"trace": file, "fault": {"step": k, "kind": before|after|fail|refuse} | null,
-"db": null|"first"|"all"}``. ``before`` SIGKILLs the process just before step k, ``after`` just
+"db": null|"first"|"twice"|"all"}``. ``before`` SIGKILLs the process just before step k, ``after`` just
 after it took effect (its reply read, before the caller sees it), ``fail`` raises the client's own
 connection error instead of making the call, ``refuse`` is the server's own refusal from step k to
 the end of the path (a Redis replica or a loading Redis, a broker that refuses publishes): Redis's
 error reply (READONLY for a write, LOADING for a read) to the path's later calls of the same kind
 too, and RabbitMQ's nack of that publish and of the path's later ones (not queued;
-``MessageNacked``). ``db`` makes the path's database calls fail (the first one, or all of them):
+``MessageNacked``). ``db`` makes the path's database calls fail (the first one, the first two
+statements: a worker's batch and then the task that applies its event alone, or all of them):
 the transient error of the retry path, the database down of the dead-letter path.
 """
 
@@ -94,6 +95,8 @@ class _State:
         self.fired = False
         self.db_failed = 0
         self.delivery_tag = ""
+        self.holding = False  # the worker's batch holds messages (app.applying.fastpath.Batch)
+        self.flushed = False  # the armed path's batch was applied: the path ends on the loop's next round
         self.local = threading.local()  # connecting: calls made while a connection is opened
 
     # --- arming ---------------------------------------------------------------------------
@@ -116,6 +119,7 @@ class _State:
         if self.armed:
             self.end(f"superseded by {marker}")  # a path that never saw its end must not block the next
         self.plan, self.marker, self.index, self.fired, self.db_failed = plan, marker, 0, False, 0
+        self.flushed = False
         self.seen: dict[str, int] = {}
         self.channel: Any = None
         self.refusing = ""  # "redis" or "amqp" once a refusal struck: the server goes on refusing
@@ -181,7 +185,9 @@ class _State:
         self.index += 1
         down = False
         db_mode = self.plan.get("db")
-        if db_call and (db_mode == "all" or (db_mode == "first" and self.db_failed == 0 and label != "db ping")):
+        statement = label not in {"db ping", "db COMMIT", "db ROLLBACK"}
+        if db_call and (db_mode == "all" or (db_mode == "first" and self.db_failed == 0 and label != "db ping")
+                        or (db_mode == "twice" and self.db_failed < 2 and statement)):
             down = True
             self.db_failed += 1
         self.write({"event": "step", "i": index, "label": label, **({"down": True} if down else {}), **details})
@@ -347,6 +353,13 @@ def _patch_redis() -> None:
         if not commands or names == [b"PING"]:
             return original_send(self, command, check_health)
         if state.role == "worker" and names[0] == b"BRPOP":
+            if state.holding or state.flushed:
+                # The path's message waits in the batch, or its batch was applied and the path ends
+                # once the loop ran what the flush left for its next round (``_patch_batch``): the
+                # worker asks for more messages meanwhile, not as a step of the path.
+                state.write({"event": "outside", "after": state.index - 1,
+                             "what": f"redis BRPOP ({'batch held' if state.holding else 'batch applied'})"})
+                return original_send(self, command, check_health)
             state.end("next BRPOP")  # the worker asks for its next message: the path is over
             return original_send(self, command, check_health)
         if names == [b"PUBLISH"] and len(commands[0]) > 1 and _REDIS_MONITORING_CHANNEL.match(commands[0][1]):
@@ -738,6 +751,57 @@ def _dump_stacks_on_signal() -> None:
         faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True, chain=False)
 
 
+def _patch_batch() -> None:
+    """The worker holds messages and applies them together when no more came for a moment
+    (``app.applying.fastpath.Batch``): a path's message arrives (armed), waits in the batch while
+    the worker asks for more (those BRPOPs are outside the path), and is applied when the batch is
+    flushed by the event loop's timer. The path then ends at the start of the loop's next round of
+    timers, after the callbacks the flush left for that round (the acknowledgements Celery sends
+    with ``hub.call_soon``) have run."""
+    from kombu.asynchronous.hub import Hub
+
+    from app.applying import fastpath
+    from app.plumbing import transport
+
+    original_add, original_flush, original_fire = fastpath.Batch.add, fastpath.Batch.flush, Hub.fire_timers
+    original_read = transport.HoldingChannel._brpop_read
+
+    def brpop_read(self: Any, **options: Any) -> Any:
+        # Between the flush and the path's end, the loop may read the reply of the BRPOP sent
+        # while the batch held the path's message: another message (the path's retry), whose
+        # taking is not the path's (the path has no more BRPOPs of its own to wait for).
+        state = STATE
+        if state is not None and state.armed and state.flushed and state.thread == threading.get_ident():
+            with state.outside_path():
+                return original_read(self, **options)
+        return original_read(self, **options)
+
+    def add(self: Any, held: Any) -> None:
+        state = STATE
+        if state is not None:
+            state.holding = True
+        return original_add(self, held)
+
+    def flush(self: Any) -> None:
+        state = STATE
+        if state is not None:
+            state.holding = False
+        try:
+            return original_flush(self)
+        finally:
+            if state is not None and state.armed:
+                state.flushed = True
+
+    def fire_timers(self: Any, *args: Any, **kwargs: Any) -> Any:
+        state = STATE
+        if state is not None and state.armed and state.flushed and state.thread == threading.get_ident():
+            state.end("batch applied")
+        return original_fire(self, *args, **kwargs)
+
+    fastpath.Batch.add, fastpath.Batch.flush, Hub.fire_timers = add, flush, fire_timers
+    transport.HoldingChannel._brpop_read = brpop_read
+
+
 def _install() -> None:
     raw = os.environ.get(PLAN_ENV)
     if not raw:
@@ -760,6 +824,8 @@ def _patch(config: dict[str, Any]) -> None:
     _patch_redis()
     _patch_sqlalchemy()
     _patch_amqp()
+    if STATE.role == "worker":
+        _patch_batch()
     if STATE.role == "web":
         _patch_flask()
         _note_web_sends()
