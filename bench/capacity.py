@@ -6,10 +6,11 @@ command's output between its ``capacity:`` markers, and a test fails when the tw
     .venv/bin/python -m bench.capacity --check    # exit 1 when docs/scaling.md differs
 
 Inputs: the newest ``bench/results/*.json`` written by ``bash bench/run.sh`` (web and worker
-rates), by ``python -m bench.redis_ops --out`` (Redis commands per event), by
-``python -m bench.storage --out`` (bytes per row) and by ``python -m bench.node_limits --out``
-(what one PostgreSQL primary, one quorum queue and one cache shard take). Every planning assumption is a constant here,
-named and explained, so that a changed assumption is a changed line of code.
+rates; the worker's from ``python -m bench.worker_floor --out`` when that ran later), by
+``python -m bench.redis_ops --out`` (Redis commands per event), by ``python -m bench.storage --out``
+(bytes per row) and by ``python -m bench.node_limits --out`` (what one PostgreSQL primary, one
+quorum queue and one cache shard take). Every planning assumption is a constant here, named and
+explained, so that a changed assumption is a changed line of code.
 """
 
 from __future__ import annotations
@@ -54,6 +55,20 @@ def fmt(value: float, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def worker_line(bench_path: Path, bench: dict[str, Any]) -> tuple[Path, dict[str, Any], dict[str, Any], str]:
+    """The worker line's newest figures on PostgreSQL: ``bash bench/run.sh``'s or
+    ``python -m bench.worker_floor``'s (the same line, queued events, PostgreSQL with fsync on),
+    whichever ran last; with the result's path and data, and the key the figures are under."""
+    candidates = [(bench_path, bench, bench["processing"]["postgresql"]["line"], "processing.postgresql.line")]
+    try:
+        floor_path, floor = newest("worker-floor")
+    except SystemExit:  # no worker-floor result yet
+        pass
+    else:
+        candidates.append((floor_path, floor, floor["postgresql"]["line"], "postgresql.line"))
+    return max(candidates, key=lambda item: item[1]["date"])
+
+
 def tables() -> str:
     """The inputs table and the plan table, as markdown."""
     bench_path, bench = newest("bench")
@@ -61,8 +76,7 @@ def tables() -> str:
     storage_path, storage = newest("storage")
     webhook_rps = bench["ack"]["webhook_rps"]
     open_50 = bench["ack"]["webhook_open_50"]
-    postgres = bench["processing"]["postgresql"]
-    line = postgres["line"]
+    line_path, line_data, line, line_key = worker_line(bench_path, bench)
     redis_commands = ops["redis_broker"]["commands_per_event"]
     cache_commands = ops["rabbitmq_broker"]["commands_per_event"]
     events_published = ops["redis_broker"]["by_command"].get("publish", 0.0)
@@ -74,6 +88,10 @@ def tables() -> str:
 
     web_per_core = webhook_rps / CORES * WEB_PLANNED_SHARE
     worker_per_process = line["new_eps"] / line["processes"] * WORKER_PLANNED_SHARE
+    # bench/run.sh's line applied one event per transaction (before batches, or on RabbitMQ, whose
+    # worker still does): what a worker process plans at where events are not batched.
+    single = bench["processing"]["postgresql"]["line"]
+    single_per_process = single["new_eps"] / single["processes"] * WORKER_PLANNED_SHARE
     bytes_per_event = (event_row["bytes_per_row"] + recording_row / events_per_call
                        + PARTICIPANTS_PER_CALL * participant_row / events_per_call)
     messages_per_event = 1 + events_published
@@ -85,9 +103,9 @@ def tables() -> str:
          "same file, `ack.webhook_open_50.p99_ms`"),
         ("P", "new events applied per second, the Procfile's worker line, PostgreSQL",
          f"{fmt(line['new_eps'], 1)} with {line['processes']} processes on 2 cores",
-         "same file, `processing.postgresql.line.new_eps`"),
+         ("same file" if line_path == bench_path else source(line_path, line_data)) + f", `{line_key}.new_eps`"),
         ("D", "duplicates turned away per second, the same line", fmt(line["duplicate_eps"], 1),
-         "same file, `processing.postgresql.line.duplicate_eps`"),
+         f"same file, `{line_key}.duplicate_eps`"),
         ("R", "Redis commands per applied event, Redis as broker (inside scripts too)", f"{redis_commands}",
          source(ops_path, ops) + ", `redis_broker.commands_per_event`"),
         ("R'", "Redis commands per applied event, RabbitMQ as broker", f"{cache_commands}",
@@ -116,10 +134,14 @@ def tables() -> str:
                               f"(P ÷ {line['processes']} x {WORKER_PLANNED_SHARE}); "
                               f"{fmt(bytes_per_event)} B per event in PostgreSQL (S + S'/C + 2 S'/C)"]),
         (f"web cores (÷ {fmt(web_per_core)})", per_rate(lambda r: str(math.ceil(r / web_per_core)))),
-        (f"worker processes (÷ {fmt(worker_per_process)})", per_rate(lambda r: str(math.ceil(r / worker_per_process)))),
+        (f"worker processes, Redis broker (÷ {fmt(worker_per_process)})",
+         per_rate(lambda r: str(math.ceil(r / worker_per_process)))),
+        (f"worker processes, RabbitMQ broker: one event at a time (÷ {fmt(single_per_process)}, the line in "
+         f"{bench_path.name})", per_rate(lambda r: str(math.ceil(r / single_per_process)))),
         (f"Redis commands/s, Redis broker (x {redis_commands})", per_rate(lambda r: fmt(r * redis_commands))),
         (f"Redis commands/s, RabbitMQ broker (x {cache_commands})", per_rate(lambda r: fmt(r * cache_commands))),
-        ("PostgreSQL write transactions/s", per_rate(lambda r: fmt(r))),
+        ("PostgreSQL write transactions/s, at most (one per event alone; a batch shares one)",
+         per_rate(lambda r: fmt(r))),
         (f"broker messages/s (x {messages_per_event:.2f}: the task, and E)",
          per_rate(lambda r: fmt(r * messages_per_event))),
         ("events per day", per_rate(lambda r: f"{r * 86400 / 1e6:,.2f} million")),
