@@ -220,21 +220,38 @@ def descendants(pid: int) -> list[int]:
 
 def worker_rate(procs: Processes, settings: Settings, batch: list[Event], processes: int,
                 **env: str) -> tuple[float, float]:
-    """Enqueue the batch, then start ``processes`` copies of the Procfile's one-process worker line
-    (as ``honcho start -c worker=N`` does) and time them from the first event applied to the last;
-    returns events/s and the highest peak RSS (VmHWM) among every process they started."""
+    """Enqueue the batch, set its queue aside, start ``processes`` copies of the Procfile's
+    one-process worker line (as ``honcho start -c worker=N`` does), and once every one of them waits
+    in BRPOP put the queue back and time them until the last event is applied; returns events/s and
+    the highest peak RSS (VmHWM) among every process they started.
+
+    A worker takes a second or two to start: timed from the first event applied, a drain shorter
+    than that is one process's, however many the line starts."""
     app = create_app(settings)
     client = redis.Redis.from_url(settings.redis_url)
     with app.app_context():
         for event in batch:
             enqueue(event, utcnow(), None)
     total = client.zcard(PENDING_DUE)
+    queues = [key for key in client.scan_iter(match="voice-*") if client.type(key) == b"list"]
+    aside = {key: b"bench:aside:" + key for key in queues}
+    for key, held in aside.items():
+        client.rename(key, held)
     names = [f"worker.{i}" for i in range(1, processes + 1)]
+    logs = [procs.workdir / f"{name}.log" for name in names]
+    offsets = [path.stat().st_size if path.exists() else 0 for path in logs]
     lines = [procs.start(name, ["bash", "-c", procfile_command("worker")], WORKER_METRICS_PORT="0",
                          HONCHO_PROCESS_NAME=name, PATH=f"{BIN}:{os.environ['PATH']}", **env) for name in names]
-    wait_for(lambda: client.zcard(PENDING_DUE) < total, timeout=60, interval=0.005)
+    # Ready (Celery's start-up exchange with other workers, which waits in a BRPOP of its own on a
+    # reply queue, is over), then each one's consumer blocked in its BRPOP on the queues.
+    wait_for(lambda: all(b" ready." in path.read_bytes()[offset:] for path, offset in zip(logs, offsets, strict=True)),
+             timeout=60, interval=0.01)
+    wait_for(lambda: waiting_consumers(client) >= processes, timeout=60, interval=0.005)
     started = time.perf_counter()
-    first_left = client.zcard(PENDING_DUE)
+    back = client.pipeline(transaction=True)
+    for key, held in aside.items():
+        back.rename(held, key)
+    back.execute()  # a blocked BRPOP is served as soon as its list exists again
     wait_for(lambda: client.zcard(PENDING_DUE) == 0, timeout=600, interval=0.01)
     elapsed = time.perf_counter() - started
     rss = max((peak_rss_mb(pid) for line in lines for pid in [line.pid, *descendants(line.pid)]), default=0.0)
@@ -242,7 +259,12 @@ def worker_rate(procs: Processes, settings: Settings, batch: list[Event], proces
         procs.stop(name)
     with app.app_context():
         db.engine.dispose()
-    return first_left / elapsed, rss
+    return total / elapsed, rss
+
+
+def waiting_consumers(client: redis.Redis) -> int:
+    """Connections blocked in BRPOP right now: one per worker process that is consuming."""
+    return sum(1 for entry in client.client_list() if entry.get("cmd") == "brpop" and "b" in entry.get("flags", ""))
 
 
 def measure_processing(procs: Processes, settings: Settings, tiny: bool) -> dict[str, Any]:
