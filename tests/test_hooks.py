@@ -148,6 +148,19 @@ def test_relay_hands_the_task_to_the_broker_then_deletes_the_row(hook_app: Flask
     assert [bodies[r.task_id] for r in expected] == [[r.recording] for r in expected]  # one argument
 
 
+def test_a_batchs_relay_sends_only_the_rows_of_the_recordings_it_names(hook_app: Flask, broker: RedisServer) -> None:
+    """A batch's relay after its commit names the recordings it changed: another's row is the sweeper's."""
+    for sid, url in (("S", URL1), ("T", URL2), ("U", URL1)):
+        apply(hook_app, ev(sid, "completed", url), 0)
+    with hook_app.app_context():
+        assert hooks.relay(db.session, {"S", "U"}) == 2
+        assert [row.recording_id for row in db.session.scalars(select(HookOutbox))] == ["T"]
+        db.session.rollback()
+        assert hooks.relay(db.session, []) == 0
+        assert hooks.relay(db.session) == 1
+    assert outbox(hook_app) == []
+
+
 def test_a_broker_outage_between_commit_and_relay_keeps_the_row_for_the_sweeper(
     hook_app: Flask, broker: RedisServer
 ) -> None:

@@ -209,7 +209,7 @@ class Batch:
                 _hold_claim(one.task_id)
                 alone.append(one)
         if applied:
-            relay_after_commit(db.session, None)
+            relay_after_commit(db.session, {h.envelope.event.session_id for h, _ in applied})
             self._finish(applied)
         return alone
 

@@ -18,6 +18,7 @@ set or changes, through an outbox.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 
 import structlog
 from flask import current_app, has_app_context
@@ -62,8 +63,9 @@ def stage(session: Session, recording: VoiceRecording, url_before: str | None) -
     session.info[STAGED] = True
 
 
-def relay(session: Session, recording_id: str | None = None, path: str = "commit") -> int:
-    """Send what the outbox holds (for one recording, or all); returns how many the broker took.
+def relay(session: Session, recording_id: str | Collection[str] | None = None, path: str = "commit") -> int:
+    """Send what the outbox holds (for one recording, for several, or all); returns how many the
+    broker took.
 
     One row per transaction, locked while it is sent: a concurrent relay skips it rather than send
     it twice (PostgreSQL; SQLite's single writer serializes relays anyway). Only the oldest row of
@@ -79,10 +81,11 @@ def relay(session: Session, recording_id: str | None = None, path: str = "commit
     sent = 0
     failures_in_a_row = 0
     held_back: set[str] = set()
+    only = [recording_id] if isinstance(recording_id, str) else recording_id
     while sent < RELAY_BATCH and failures_in_a_row < RELAY_FAILURES_IN_A_ROW:
         oldest = select(func.min(HookOutbox.id)).group_by(HookOutbox.recording_id)
-        if recording_id is not None:
-            oldest = oldest.where(HookOutbox.recording_id == recording_id)
+        if only is not None:
+            oldest = oldest.where(HookOutbox.recording_id.in_(only))
         if held_back:
             oldest = oldest.where(HookOutbox.recording_id.not_in(held_back))
         query = (select(HookOutbox).where(HookOutbox.id.in_(oldest.scalar_subquery())).order_by(HookOutbox.id)
@@ -115,18 +118,19 @@ def relay(session: Session, recording_id: str | None = None, path: str = "commit
     return sent
 
 
-def relay_after_commit(session: Session, recording_id: str | None) -> None:
-    """The worker's send right after the change committed (a batch's: every recording's), when
-    that change staged a hook; the
-    sweeper covers any failure here (and a row an earlier relay left). An event that staged
-    nothing costs no query here."""
+def relay_after_commit(session: Session, recording_id: str | Collection[str]) -> None:
+    """The worker's send right after the change committed (a batch's: of the recordings it
+    changed), when that change staged a hook; other recordings' rows are the sweeper's, as is any
+    failure here. An event that staged nothing costs no query here."""
     if not session.info.pop(STAGED, False) or not hook_task():
         return
     try:
         relay(session, recording_id, path="commit")
     except Exception as exc:  # the database is down now: the row is safe, and the sweeper sends it
         session.rollback()
-        log.warning("hook_relay_deferred", recording_id=recording_id, error_type=type(exc).__name__)
+        log.warning("hook_relay_deferred", error_type=type(exc).__name__,
+                    **({"recording_id": recording_id} if isinstance(recording_id, str)
+                       else {"recording_ids": sorted(recording_id)}))
 
 
 def backlog(session: Session) -> int:
