@@ -19,10 +19,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from sqlalchemy import false, select
-from sqlalchemy.orm import Session, joinedload, make_transient_to_detached
+from sqlalchemy import select
+from sqlalchemy.orm import Session, joinedload
 
-from app.applying.domain import APPLIED, EVENT_INSERT, NO_EFFECT, dialect_insert, merge
+from app.applying.domain import (
+    APPLIED,
+    EVENT_INSERT,
+    NO_EFFECT,
+    adopt_created,
+    merge,
+    new_recording_row,
+    recording_upsert,
+)
 from app.applying.hooks import stage as stage_hook
 from app.base.timeutil import order_key, utcnow
 from app.payload.events import Event
@@ -66,9 +74,11 @@ def stage_batch(
         sid = event.session_id
         first_arrival[sid] = min(received_at, first_arrival.get(sid, received_at))
     recordings = _lock_recordings(session, first_arrival, now)
-    stored = _stored_copies(session, [event.fingerprint for event, _ in items],
-                            [sid for sid, recording in recordings.items() if recording is None])
-    recordings.update(_read_recordings(session, [sid for sid, recording in recordings.items() if recording is None]))
+    existing = [sid for sid, recording in recordings.items() if recording is None]
+    # A created recording has no events yet, and an event's fingerprint covers its session id:
+    # only a batch that names an existing recording can hold an event stored already.
+    stored = _stored_copies(session, [event.fingerprint for event, _ in items]) if existing else set()
+    recordings.update(_read_recordings(session, existing))
 
     order = sorted(range(len(items)), key=lambda i: order_key(items[i][1], items[i][0].fingerprint))
     changed: dict[str, VoiceRecording] = {}
@@ -111,37 +121,15 @@ def _lock_recordings(
     """Create or lock every recording named, in id order, by one upsert (see
     ``domain._lock_recording``); returns the created ones as the session's objects and None for
     those that existed."""
-    table = VoiceRecording.__table__
-    insert = dialect_insert(session.connection().dialect.name)(table)
     ids = sorted(first_arrival)
-    statement = (
-        insert.values([{"id": sid, "status": "", "status_key": "", "created_at": first_arrival[sid],
-                        "processed_at": now, "change_position": 0} for sid in ids])
-        .on_conflict_do_update(index_elements=["id"], set_={"id": insert.excluded.id}, where=false())
-        .returning(table.c.id)
-    )
-    created = set(session.scalars(statement))
-    found: dict[str, VoiceRecording | None] = {}
-    for sid in ids:
-        if sid not in created:
-            found[sid] = None
-            continue
-        recording = VoiceRecording(id=sid, status="", status_key="", duration=None, recording_url=None, url_key=None,
-                                   created_at=first_arrival[sid], processed_at=now, change_position=0)
-        recording.participants = []
-        make_transient_to_detached(recording)
-        session.add(recording)
-        found[sid] = recording
-    return found
+    upsert = recording_upsert(session.connection().dialect.name)
+    created = set(session.scalars(upsert.values([new_recording_row(sid, first_arrival[sid], now) for sid in ids])))
+    return {sid: adopt_created(session, sid, first_arrival[sid], now) if sid in created else None for sid in ids}
 
 
-def _stored_copies(session: Session, fingerprints: list[str], existing: list[str]) -> set[str]:
-    """The batch's fingerprints already stored. A created recording has no events yet, and an
-    event's fingerprint covers its session id, so only existing recordings are asked about."""
-    if not existing:
-        return set()
-    query = select(WebhookEvent.fingerprint).where(WebhookEvent.fingerprint.in_(fingerprints))
-    return set(session.scalars(query))
+def _stored_copies(session: Session, fingerprints: list[str]) -> set[str]:
+    """Which of ``fingerprints`` are stored already."""
+    return set(session.scalars(select(WebhookEvent.fingerprint).where(WebhookEvent.fingerprint.in_(fingerprints))))
 
 
 def _read_recordings(session: Session, ids: list[str]) -> dict[str, VoiceRecording]:

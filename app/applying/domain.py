@@ -235,40 +235,56 @@ def _lock_recording(
     copy's arrival time, in one statement that starts after the lock is held: under READ
     COMMITTED its snapshot then holds whatever the lock's previous holder committed.
     """
-    upsert, read = _lock_statements(session.connection().dialect.name)
-    created = session.execute(upsert, {"rid": event.session_id, "received_at": received_at, "now": now}).first()
+    dialect = session.connection().dialect.name
+    upsert, read = recording_upsert(dialect), _read_statement(dialect)
+    created = session.execute(upsert, new_recording_row(event.session_id, received_at, now)).first()
     if created is not None and identity_key(VoiceRecording, event.session_id) not in session.identity_map:
-        # The row as the statement wrote it, made the session's without reading it back.
-        recording = VoiceRecording(id=event.session_id, status="", status_key="", duration=None, recording_url=None,
-                                   url_key=None, created_at=received_at, processed_at=now, change_position=0)
-        recording.participants = []
-        make_transient_to_detached(recording)
-        session.add(recording)
-        return recording, None
+        return adopt_created(session, event.session_id, received_at, now), None
     recording, received = session.execute(read, {"rid": event.session_id, "fp": event.fingerprint}).unique().one()
     return recording, received
 
 
+def new_recording_row(recording_id: str, created_at: datetime, now: datetime) -> dict[str, Any]:
+    """A recording's row as the upsert creates it: no status, duration or URL yet."""
+    return {"id": recording_id, "status": "", "status_key": "", "created_at": created_at, "processed_at": now,
+            "change_position": 0}
+
+
+def adopt_created(session: Session, recording_id: str, created_at: datetime, now: datetime) -> VoiceRecording:
+    """The row the upsert just created (``new_recording_row``), made the session's without reading
+    it back: it has no participants and no events yet."""
+    recording = VoiceRecording(**new_recording_row(recording_id, created_at, now), duration=None,
+                               recording_url=None, url_key=None)
+    recording.participants = []
+    make_transient_to_detached(recording)
+    session.add(recording)
+    return recording
+
+
 @functools.cache
-def _lock_statements(dialect: str) -> tuple[Any, Any]:
-    """``_lock_recording``'s two statements, built once per dialect (building them, the upsert's
-    ``excluded`` alias above all, cost more CPU than running them)."""
+def recording_upsert(dialect: str) -> Any:
+    """Create a recording, or take the existing row's lock without writing (see
+    ``_lock_recording``); returns the id of a row it created. Its values are the parameters it is
+    executed with (one ``new_recording_row``), or ``.values([...])`` for several rows at once.
+    Built once per dialect: building it, the ``excluded`` alias above all, cost more CPU than
+    running it."""
     table = VoiceRecording.__table__
     insert = dialect_insert(dialect)(table)
-    upsert = (
-        insert.values(id=bindparam("rid"), status="", status_key="", created_at=bindparam("received_at"),
-                      processed_at=bindparam("now"), change_position=0)
-        .on_conflict_do_update(index_elements=["id"], set_={"id": insert.excluded.id}, where=false())
-        .returning(table.c.id)
-    )
+    return (insert.on_conflict_do_update(index_elements=["id"], set_={"id": insert.excluded.id}, where=false())
+            .returning(table.c.id))
+
+
+@functools.cache
+def _read_statement(dialect: str) -> Any:
+    """``_lock_recording``'s read, built once per dialect: the recording with its participants and
+    the arrival time of the event's stored copy."""
     stored_at = select(WebhookEvent.received_at).where(WebhookEvent.fingerprint == bindparam("fp"))
-    read = (
+    return (
         select(VoiceRecording, stored_at.scalar_subquery())
         .where(VoiceRecording.id == bindparam("rid"))
         .options(joinedload(VoiceRecording.participants))
         .execution_options(populate_existing=True)
     )
-    return upsert, read
 
 
 # The supported databases; both have INSERT ... ON CONFLICT DO NOTHING.
