@@ -11,6 +11,7 @@ check failing. A check that can only read a signature says why behaviour is out 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import inspect
@@ -871,8 +872,9 @@ def _ack_log_error_keywords_only(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> Non
 @seam("celery_event_dispatcher_groups")
 def check_celery_event_dispatcher_groups(seams: SeamEnv) -> None:
     """With task events off, the worker's event dispatcher is enabled with groups {'worker'}
-    (heartbeats only), and Flower's enable_events adds 'task' to those groups: app.applying.fastpath turns
-    duplicates away only while task events are off, so that Flower sees every task."""
+    (heartbeats only), and Flower's enable_events adds 'task' to those groups; Celery's strategy
+    sends task-received with the fields it names here. app.applying.fastpath sends a batch's task
+    events only while task events are on, with the same fields, so that Flower sees every task."""
     requests: list[Any] = []
     consumer = celery_consumer(seams, requests, task_events=False)  # worker_send_task_events=False
     events = consumer.blueprint.steps["celery.worker.consumer.events.Events"]
@@ -888,12 +890,55 @@ def check_celery_event_dispatcher_groups(seams: SeamEnv) -> None:
         envelope = event_envelope(session)
         send_event(seams, envelope)
         mark_applied(seams, envelope)
-    handle(taker.take())
+    busy = event_envelope("SEAM-BUSY")
+    send_event(seams, busy)
+    claimed_elsewhere(seams, busy)
+    published = TaskEventsSeen(seams.client)
+    off = taker.take()
+    handle(off)
     assert requests == [], "with task events off a duplicate was not turned away"
+    assert published.of(off.headers["id"]) == {}, "with task events off the batch sent task events"
     worker_control.enable_events(types.SimpleNamespace(consumer=consumer))  # Flower's command
     assert "task" in dispatcher.groups, f"enable_events left groups {dispatcher.groups!r}"
-    handle(taker.take())
-    assert len(requests) == 1, "with task events on, a duplicate was still turned away: Flower would not see it"
+    on = taker.take()
+    handle(on)
+    assert requests == [], "with task events on, a duplicate went on to a task request"
+    ours = published.of(on.headers["id"])
+    assert set(ours) == {"task-received", "task-started", "task-succeeded"}, (
+        f"with task events on, the duplicate turned away sent {sorted(ours)}: Flower would not see it as a task")
+    handed = taker.take()  # a claim held elsewhere: the batch leaves it to Celery's handler
+    handle(handed)
+    assert [request.id for request in requests] == [handed.headers["id"]], f"task requests {requests}"
+    celerys = published.of(handed.headers["id"])
+    assert "task-received" in celerys, f"Celery's strategy sent {sorted(celerys)} for a task it received"
+    assert set(ours["task-received"]) == set(celerys["task-received"]), (
+        "the batch's task-received and Celery's differ in their fields: "
+        f"{sorted(set(ours['task-received']) ^ set(celerys['task-received']))}")
+    assert ours["task-received"]["name"] == celerys["task-received"]["name"] == APPLY_EVENT_TASK
+
+
+class TaskEventsSeen:
+    """The task events published on Redis since it was made (kombu's fanout: PUBLISHes on the
+    celeryev channels, each an event or a list of them, base64 in kombu's message)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.pubsub = client.pubsub()
+        self.pubsub.psubscribe("*celeryev*")
+        self.pubsub.get_message(timeout=1)  # the subscription's confirmation
+        self.events: list[dict[str, Any]] = []
+
+    def of(self, task_id: str) -> dict[str, dict[str, Any]]:
+        """Each type of event sent for ``task_id`` so far, with its fields."""
+        while (item := self.pubsub.get_message(timeout=0.3)) is not None:
+            if item["type"] != "pmessage":
+                continue
+            message = json.loads(item["data"])
+            body = message["body"]
+            if message.get("properties", {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            found = json.loads(body)
+            self.events += found if isinstance(found, list) else [found]
+        return {event["type"]: event for event in self.events if event.get("uuid") == task_id}
 
 
 def _groups_renamed(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:

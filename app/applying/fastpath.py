@@ -23,15 +23,20 @@ claim again (``take_claim``). A Redis error before the batch's transaction hands
 the task the same way, unclaimed.
 
 Not held (Celery's path, as before): messages with an ETA (retries wait for their countdown and
-claim when they run), workers sending task events (Flower watching must see every task), brokers
-other than the project's Redis transport, a message of an unexpected shape. With
-``WORKER_BATCH_SIZE=1`` each message is a batch of its own, applied as it arrives.
+claim when they run), brokers other than the project's Redis transport, a message of an unexpected
+shape. With ``WORKER_BATCH_SIZE=1`` each message is a batch of its own, applied as it arrives.
+
+A worker sending task events (Flower watching, or ``-E``) sends, for each message a batch decides,
+the events Celery sends for a task that succeeds (``task-received``, ``task-started``,
+``task-succeeded``, with the fields Celery's strategy and request give them), when the batch
+decided it: whoever watches sees every task, and the batches stay on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -98,10 +103,11 @@ def duplicates_first(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     size = settings.worker_batch_size
     redis_broker = settings.broker_is_redis  # the pending set, and the project's transport
 
-    def task_events_on() -> bool:
+    def task_events() -> Any:
         # The dispatcher is on for the worker's heartbeats alone (groups == {"worker"}); task
         # events are on when it sends every group, or "task" was added (Flower's enable_events).
-        return bool(eventer and eventer.enabled and (not eventer.groups or "task" in eventer.groups))
+        on = eventer and eventer.enabled and (not eventer.groups or "task" in eventer.groups)
+        return eventer.send if on else None
 
     def acknowledge(held: Held) -> None:
         held.call[2](ack_log, connection_errors)  # what a request's acknowledge() passes
@@ -112,11 +118,11 @@ def duplicates_first(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     # The event loop's timer (the hub fires it between polls); a worker without an event loop
     # (not the Redis transport) never holds a message anyway.
     hub = getattr(consumer, "hub", None)
-    batch = Batch(flask_app, hub.timer if hub is not None else None, size, acknowledge, to_celery)
+    batch = Batch(flask_app, hub.timer if hub is not None else None, size, acknowledge, to_celery, task_events)
 
     def task_message_handler(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> Any:
         held = None
-        if redis_broker and not task_events_on():
+        if redis_broker:
             held = _holdable(message, (message, body, ack, reject, callbacks), kw)
         if held is None:
             return handle(message, body, ack, reject, callbacks, **kw)
@@ -143,12 +149,16 @@ def _holdable(message: Any, call: tuple[Any, ...], extra: dict[str, Any]) -> Hel
 class Batch:
     """The messages a worker process holds, applied together (see the module's docstring)."""
 
-    def __init__(self, flask_app: Any, timer: Any, size: int, acknowledge: Any, to_celery: Any) -> None:
+    def __init__(self, flask_app: Any, timer: Any, size: int, acknowledge: Any, to_celery: Any,
+                 task_events: Any = lambda: None) -> None:
         self.flask_app = flask_app
         self.timer = timer
         self.size = size
         self.acknowledge = acknowledge
         self.to_celery = to_celery
+        self.task_events = task_events  # () -> the event dispatcher's send while task events are on, else None
+        self.send_event: Any = None
+        self.started = 0.0
         self.held: list[Held] = []
         self.entry: Any = None
 
@@ -171,6 +181,7 @@ class Batch:
         held = [h for h in held if transport.current_delivery(h.task_id) is not None]
         if not held:
             return
+        self.send_event, self.started = self.task_events(), time.monotonic()
         with self.flask_app.app_context():
             alone = self._apply(held)
         for one in alone:
@@ -192,6 +203,7 @@ class Batch:
                 self.acknowledge(one)  # the claim's script acknowledged it: no round trip
                 metrics.observe_event(DUPLICATE)
                 self._log(one, DUPLICATE, turned_away="on arrival")
+                self._watched(one, DUPLICATE)
             elif state == "claimed":
                 claimed.append(one)
             else:
@@ -231,6 +243,21 @@ class Batch:
             self.acknowledge(one)
             metrics.observe_event(outcome, (now - one.received_at).total_seconds())
             self._log(one, outcome, batch=len(applied))
+            self._watched(one, outcome)
+
+    def _watched(self, one: Held, outcome: str) -> None:
+        """The task events Celery sends for a task that succeeds, while task events are on: the
+        fields of Celery's strategy's task-received, its request's task-started, and its trace's
+        task-succeeded (the result as its repr, the runtime since the batch began)."""
+        send = self.send_event
+        if send is None:
+            return
+        headers = one.call[0].headers or {}
+        send("task-received", uuid=one.task_id, name=headers.get("task"), args=headers.get("argsrepr"),
+             kwargs=headers.get("kwargsrepr"), root_id=headers.get("root_id"), parent_id=headers.get("parent_id"),
+             retries=headers.get("retries", 0), eta=None, expires=headers.get("expires"))
+        send("task-started", uuid=one.task_id)
+        send("task-succeeded", uuid=one.task_id, result=repr(outcome), runtime=time.monotonic() - self.started)
 
     @staticmethod
     def _log(one: Held, outcome: str, **extra: Any) -> None:

@@ -1,6 +1,6 @@
-"""A worker that sends task events (started with ``-E``, as for Flower) turns no duplicate away on
-arrival (app.applying.fastpath): every message takes Celery's own path, so that whoever watches the events
-sees every task. The duplicates are still applied once: the task itself finds them done."""
+"""A worker that sends task events (started with ``-E``, as Flower turns them on) still applies its
+events in batches and turns duplicates away on arrival (app.applying.fastpath), and sends each
+task's events as Celery does for a task that succeeds, so that whoever watches sees every task."""
 
 from __future__ import annotations
 
@@ -93,26 +93,34 @@ def outcomes(log: Path) -> list[str]:
     return [line for line in log.read_text().splitlines() if '"event_applied"' in line]
 
 
-def test_a_worker_sending_task_events_turns_no_duplicate_away_on_arrival(service: dict[str, str],
-                                                                         tmp_path: Path) -> None:
+TASK_EVENTS = {"task-received", "task-started", "task-succeeded"}
+
+
+def test_a_worker_sending_task_events_keeps_its_batches_and_sends_every_tasks_events(service: dict[str, str],
+                                                                                      tmp_path: Path) -> None:
     events = [Event(f"events_{i // 2}", "busy", f"+2547{i:08d}", None, None, {}) for i in range(EVENTS)]
     queue(service, events)
-    drain(service, tmp_path / "new.log", "-E")
-    assert sum('"outcome": "applied"' in line for line in outcomes(tmp_path / "new.log")) == EVENTS
+    seen = drain(service, tmp_path / "new.log", "-E")
+    applied = outcomes(tmp_path / "new.log")
+    task_ids = {json.loads(line)["task_id"] for line in applied}
+    assert len(task_ids) == EVENTS and sum('"outcome": "applied"' in line for line in applied) == EVENTS
+    assert all('"batch": ' in line for line in applied), "with task events on, an event was not applied in a batch"
+    assert {kind for kind, ids in seen.items() if ids >= task_ids} >= TASK_EVENTS, (
+        sorted((kind, len(ids)) for kind, ids in seen.items()))  # every task's events went out
 
     queue(service, events)  # every one again: duplicates, to a worker with task events on
     seen = drain(service, tmp_path / "watched.log", "-E")
     watched = outcomes(tmp_path / "watched.log")
     task_ids = {json.loads(line)["task_id"] for line in watched}
-    assert len(task_ids) == EVENTS and seen.get("task-succeeded", set()) >= task_ids, (
-        sorted((kind, len(ids)) for kind, ids in seen.items()))  # every task's events went out: -E took effect
-    assert sum('"outcome": "duplicate"' in line for line in watched) == EVENTS  # each one a task...
-    assert not [line for line in watched if '"turned_away"' in line]  # ...none turned away on arrival
+    assert len(task_ids) == EVENTS
+    assert sum('"turned_away": "on arrival"' in line for line in watched) == EVENTS  # no task request built
+    assert {kind for kind, ids in seen.items() if ids >= task_ids} >= TASK_EVENTS, (
+        sorted((kind, len(ids)) for kind, ids in seen.items()))
 
-    # The control: the same duplicates to the same line without -E are turned away on arrival, so
-    # the absence above is the task events' doing, not a log line that changed.
+    # The control: the same duplicates to the same line without -E send no task event, so what
+    # was seen above is -E's doing.
     queue(service, events)
-    assert not drain(service, tmp_path / "unwatched.log").get("task-succeeded")  # no task events
+    assert not {kind for kind in drain(service, tmp_path / "unwatched.log") if kind.startswith("task-")}
     unwatched = outcomes(tmp_path / "unwatched.log")
     assert sum('"turned_away": "on arrival"' in line for line in unwatched) == EVENTS
 
