@@ -219,11 +219,12 @@ def descendants(pid: int) -> list[int]:
 
 
 def worker_rate(procs: Processes, settings: Settings, batch: list[Event], processes: int,
-                **env: str) -> tuple[float, float]:
+                options: tuple[str, ...] = (), **env: str) -> tuple[float, float]:
     """Enqueue the batch, set its queue aside, start ``processes`` copies of the Procfile's
     one-process worker line (as ``honcho start -c worker=N`` does), and once every one of them waits
     in BRPOP put the queue back and time them until the last event is applied; returns events/s and
-    the highest peak RSS (VmHWM) among every process they started.
+    the highest peak RSS (VmHWM) among every process they started. ``options`` are added to the
+    line (``-E``: task events on, as while Flower watches).
 
     A worker takes a second or two to start: timed from the first event applied, a drain shorter
     than that is one process's, however many the line starts."""
@@ -240,8 +241,9 @@ def worker_rate(procs: Processes, settings: Settings, batch: list[Event], proces
     names = [f"worker.{i}" for i in range(1, processes + 1)]
     logs = [procs.workdir / f"{name}.log" for name in names]
     offsets = [path.stat().st_size if path.exists() else 0 for path in logs]
-    lines = [procs.start(name, ["bash", "-c", procfile_command("worker")], WORKER_METRICS_PORT="0",
-                         HONCHO_PROCESS_NAME=name, PATH=f"{BIN}:{os.environ['PATH']}", **env) for name in names]
+    command = " ".join([procfile_command("worker"), *options])
+    lines = [procs.start(name, ["bash", "-c", command], WORKER_METRICS_PORT="0", HONCHO_PROCESS_NAME=name,
+                         PATH=f"{BIN}:{os.environ['PATH']}", **env) for name in names]
     # Ready (Celery's start-up exchange with other workers, which waits in a BRPOP of its own on a
     # reply queue, is over), then each one's consumer blocked in its BRPOP on the queues.
     wait_for(lambda: all(b" ready." in path.read_bytes()[offset:] for path, offset in zip(logs, offsets, strict=True)),

@@ -6,6 +6,7 @@ writes an event makes.
     .venv/bin/python -m bench.worker_floor --events 600 --seconds 5 --databases sqlite   # quick look
     git worktree add /tmp/before COMMIT && ln -s $PWD/.venv /tmp/before/.venv
     .venv/bin/python -m bench.worker_floor --before /tmp/before --turns 3   # before and after, one run
+    .venv/bin/python -m bench.worker_floor --task-events ...   # the same, task events on (Flower watching)
 
 - **PostgreSQL** (a server of the bench's own, fsync on: a commit is a flush, as in production):
   pgbench with 2 clients doing one new event's writes as seven statements and as one server-side
@@ -88,21 +89,22 @@ def line_processes() -> int:
     return int(re.search(r"WORKER_CONCURRENCY:-(\d+)", (ROOT / "scripts" / "run.sh").read_text()).group(1))
 
 
-def worker_line(procs: Processes, settings: Settings, n: int, label: str) -> dict[str, Any]:
+def worker_line(procs: Processes, settings: Settings, n: int, label: str,
+                options: tuple[str, ...] = ()) -> dict[str, Any]:
     processes = line_processes()
     tag = label.replace(" ", "-")
     batch = events(n, f"{tag}{time.time_ns()}")
     step(f"{label}: the worker line ({processes} processes) draining {n} queued new events")
-    new, rss = worker_rate(procs, settings, batch, processes, LOG_LEVEL="INFO")
+    new, rss = worker_rate(procs, settings, batch, processes, options, LOG_LEVEL="INFO")
     step(f"{label}:   {new:.0f} new events/s; the same events again as duplicates")
-    dup, _ = worker_rate(procs, settings, batch, processes, LOG_LEVEL="INFO")
+    dup, _ = worker_rate(procs, settings, batch, processes, options, LOG_LEVEL="INFO")
     step(f"{label}:   {dup:.0f} duplicates/s")
     return {"processes": processes, "events": n, "new_eps": round(new, 1), "duplicate_eps": round(dup, 1),
             "duplicates_per_new": round(dup / new, 2), "peak_rss_mb": rss}
 
 
 def lines(procs: Processes, settings: Settings, n: int, database: str, before: Path | None,
-          turns: int) -> dict[str, Any]:
+          turns: int, options: tuple[str, ...] = ()) -> dict[str, Any]:
     """This checkout's worker line, and with ``before`` that checkout's too, in alternating turns
     against the same database; each figure the median of its turns."""
     sides = {"line": procs.cwd, **({"before": before} if before else {})}
@@ -110,7 +112,7 @@ def lines(procs: Processes, settings: Settings, n: int, database: str, before: P
     for turn in range(turns):
         for side, root in sides.items():
             procs.cwd = root
-            runs[side].append(worker_line(procs, settings, n, f"{database} {side} {turn + 1}/{turns}"))
+            runs[side].append(worker_line(procs, settings, n, f"{database} {side} {turn + 1}/{turns}", options))
     procs.cwd = sides["line"]
     out: dict[str, Any] = {}
     for side, got in runs.items():
@@ -184,12 +186,15 @@ def main() -> int:
                         "worker line is measured too, in turns with this one's, against the same database")
     parser.add_argument("--turns", type=int, default=1, help="alternating turns of the worker lines")
     parser.add_argument("--out", type=Path, help="also write the result here")
+    parser.add_argument("--task-events", action="store_true", help="the worker lines with task events on (-E, as "
+                        "while Flower watches); the result is of kind worker-floor-task-events")
     parser.add_argument("--doc", choices=("print", "check", "write"),
                         help="no measuring: docs/performance.md's table from the newest result file")
     args = parser.parse_args()
     if args.doc:
         return doc(args.doc)
-    result: dict[str, Any] = {"events": args.events, "seconds": args.seconds}
+    result: dict[str, Any] = {"events": args.events, "seconds": args.seconds, "task_events": args.task_events}
+    options = ("-E",) if args.task_events else ()
     workdir = Path(tempfile.mkdtemp(prefix="voice-floor-"))
     workdir.chmod(0o755)
     redis_server = RedisServer(workdir / "redis").start()
@@ -213,7 +218,7 @@ def main() -> int:
             step(f"postgresql:   seven statements {seven:.0f} tps, one call {one_call:.0f} tps")
             procs.env["DATABASE_URL"] = server.url
             got = lines(procs, replace(base, database_url=server.url), args.events, "postgresql", args.before,
-                        args.turns)
+                        args.turns, options)
             result["postgresql"] = {"pgbench_seven_statements_tps": round(seven, 1),
                                     "pgbench_one_call_tps": round(one_call, 1), **got,
                                     **{f"{side}_to_one_call": round(got[side]["new_eps"] / one_call, 3)
@@ -226,16 +231,17 @@ def main() -> int:
             loop = sqlite_loop(workdir / "voice.db", args.seconds)
             step(f"sqlite:   {loop:.0f} transactions/s")
             procs.env["DATABASE_URL"] = url
-            got = lines(procs, replace(base, database_url=url), args.events, "sqlite", args.before, args.turns)
+            got = lines(procs, replace(base, database_url=url), args.events, "sqlite", args.before, args.turns,
+                        options)
             result["sqlite"] = {"sqlite3_loop_tps": round(loop, 1), **got,
                                 **{f"{side}_to_loop": round(got[side]["new_eps"] / loop, 3)
                                    for side in ("line", "before") if side in got}}
     print(json.dumps(result, indent=2))
     if args.out:
         command = (f".venv/bin/python -m bench.worker_floor --events {args.events} --seconds {args.seconds} "
-                   f"--databases {args.databases} --turns {args.turns}"
+                   f"--databases {args.databases} --turns {args.turns}" + (" --task-events" if args.task_events else "")
                    + (f" --before CHECKOUT-AT-{_commit_of(args.before)}" if args.before else ""))
-        write_result(args.out, "worker-floor", command, result)
+        write_result(args.out, "worker-floor-task-events" if args.task_events else "worker-floor", command, result)
     return 0
 
 
