@@ -46,7 +46,7 @@ NO_REDIS = "redis://127.0.0.1:1/0"  # the migrations build an app; it never conn
 
 # One new event's writes, as the service's apply does them (app.applying.domain.stage_event): each
 # transaction a new recording, one participant, one event. :client_id keeps the keys distinct.
-SEVEN = """\\set n random(1, 2000000000)
+SEVEN = """\\set n random(1, 1000000000000000000)
 BEGIN;
 INSERT INTO voice_recordings (id, status, status_key, created_at, processed_at, change_position)
   VALUES ('b' || :client_id || '-' || :n, '', '', now(), now(), 0) ON CONFLICT (id) DO NOTHING;
@@ -67,7 +67,7 @@ INSERT INTO webhook_events (recording_id, fingerprint, received_at, phone_number
 END;
 """
 
-ONE_CALL = """\\set n random(1, 2000000000)
+ONE_CALL = """\\set n random(1, 1000000000000000000)
 SELECT bench_apply('b' || :client_id || '-' || :n);
 """
 
