@@ -772,7 +772,7 @@ def _throttle_option_dropped(mp: pytest.MonkeyPatch, _seams: SeamEnv) -> None:
 def check_celery_task_strategy(seams: SeamEnv) -> None:
     """The worker builds each task's strategy as Task.Strategy(task, app, consumer, **kwargs), and
     celery.worker.strategy.default(task, app, consumer, ...) returns Celery's handler for a message:
-    app.applying.fastpath.duplicates_first is the apply task's Strategy and wraps default's handler."""
+    app.applying.fastpath.in_batches is the apply task's Strategy and wraps default's handler."""
     parameters = list(inspect.signature(celery_strategy.default).parameters.values())[:3]
     assert [p.name for p in parameters] == ["task", "app", "consumer"] and all(
         p.kind is p.POSITIONAL_OR_KEYWORD for p in parameters), (
@@ -782,7 +782,7 @@ def check_celery_task_strategy(seams: SeamEnv) -> None:
     consumer = celery_consumer(seams, requests)
     consumer.update_strategies()  # as the worker's Tasks step does
     strategy = consumer.strategies[APPLY_EVENT_TASK]
-    assert strategy.__qualname__ == "duplicates_first.<locals>.task_message_handler", (
+    assert strategy.__qualname__ == "in_batches.<locals>.task_message_handler", (
         f"the apply task's strategy is {strategy!r}, not the one app.applying.fastpath builds")
     envelope = event_envelope("SEAM-NEW")
     send_event(seams, envelope)

@@ -90,7 +90,7 @@ class Held:
     received_at: datetime
 
 
-def duplicates_first(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
+def in_batches(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     """The strategy: Celery's own, behind the batch (imported here: a worker's module)."""
     from celery.worker.strategy import default
 

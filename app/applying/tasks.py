@@ -72,7 +72,7 @@ def backoff_seconds(retries: int, busy: bool = False) -> float:
 # the event after the last one instead of letting Celery drop it as failed. The strategy turns a
 # recognised duplicate away as its message arrives (app.applying.fastpath), before a task request is built.
 @shared_task(bind=True, name=APPLY_EVENT_TASK, acks_late=True, max_retries=None,
-             Strategy="app.applying.fastpath:duplicates_first")
+             Strategy="app.applying.fastpath:in_batches")
 def apply_webhook_event(self: Task, message: dict, received_at: str, request_id: str | None = None) -> str:
     envelope = Envelope(message, received_at, request_id)
     structlog.contextvars.clear_contextvars()  # nothing carries over from the process's previous task
