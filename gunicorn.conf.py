@@ -53,6 +53,13 @@ def post_fork(server, worker):
     track_process_memory("web")
 
 
+def post_worker_init(worker):
+    """The app is loaded: what start-up made, out of the garbage collector's walks (app.base.heap)."""
+    from app.base.heap import freeze_startup_heap
+
+    freeze_startup_heap()
+
+
 def child_exit(server, worker):
     """Drop a dead worker's live metric files (prometheus_client multiprocess mode)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

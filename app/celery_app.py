@@ -15,6 +15,7 @@ from celery import Celery, Task, signals
 from flask import Flask
 
 from app.base import metrics
+from app.base.heap import freeze_startup_heap
 from app.base.logs import configure_logging
 from app.operating import scrape
 from app.plumbing.queues import (
@@ -187,6 +188,13 @@ def celery_init_app(app: Flask) -> Celery:
     @signals.worker_process_init.connect(weak=False)
     def _pool_process_memory(**_kwargs: Any) -> None:
         metrics.track_process_memory("worker")
+
+    @signals.worker_ready.connect(weak=False)
+    @signals.worker_process_init.connect(weak=False)
+    def _freeze_startup_heap(**_kwargs: Any) -> None:
+        """The worker (or a pool process) is ready: what start-up made, out of the garbage
+        collector's walks (app.base.heap)."""
+        freeze_startup_heap()
 
     @signals.worker_process_shutdown.connect(weak=False)
     def _pool_process_gone(pid: int | None = None, **_kwargs: Any) -> None:
