@@ -22,7 +22,7 @@ import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import redis
@@ -218,13 +218,37 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+class Drain(NamedTuple):
+    """A worker line's drain: events/s, the highest peak RSS (MB) of its processes, and the CPU the
+    worker processes and the Redis server each spent per event over the drain (us)."""
+
+    rate: float
+    rss: float
+    worker_cpu_us: float
+    redis_cpu_us: float
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU the processes have used so far (/proc, clock ticks)."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def redis_cpu_seconds(client: redis.Redis) -> float:
+    cpu = client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
 def worker_rate(procs: Processes, settings: Settings, batch: list[Event], processes: int,
-                options: tuple[str, ...] = (), **env: str) -> tuple[float, float]:
+                options: tuple[str, ...] = (), **env: str) -> Drain:
     """Enqueue the batch, set its queue aside, start ``processes`` copies of the Procfile's
     one-process worker line (as ``honcho start -c worker=N`` does), and once every one of them waits
-    in BRPOP put the queue back and time them until the last event is applied; returns events/s and
-    the highest peak RSS (VmHWM) among every process they started. ``options`` are added to the
-    line (``-E``: task events on, as while Flower watches).
+    in BRPOP put the queue back and time them until the last event is applied (``Drain``).
+    ``options`` are added to the line (``-E``: task events on, as while Flower watches).
 
     A worker takes a second or two to start: timed from the first event applied, a drain shorter
     than that is one process's, however many the line starts."""
@@ -249,6 +273,8 @@ def worker_rate(procs: Processes, settings: Settings, batch: list[Event], proces
     wait_for(lambda: all(b" ready." in path.read_bytes()[offset:] for path, offset in zip(logs, offsets, strict=True)),
              timeout=60, interval=0.01)
     wait_for(lambda: waiting_consumers(client) >= processes, timeout=60, interval=0.005)
+    pids = [pid for line in lines for pid in [line.pid, *descendants(line.pid)]]
+    worker_cpu, redis_cpu = cpu_seconds(pids), redis_cpu_seconds(client)
     started = time.perf_counter()
     back = client.pipeline(transaction=True)
     for key, held in aside.items():
@@ -256,12 +282,13 @@ def worker_rate(procs: Processes, settings: Settings, batch: list[Event], proces
     back.execute()  # a blocked BRPOP is served as soon as its list exists again
     wait_for(lambda: client.zcard(PENDING_DUE) == 0, timeout=600, interval=0.01)
     elapsed = time.perf_counter() - started
-    rss = max((peak_rss_mb(pid) for line in lines for pid in [line.pid, *descendants(line.pid)]), default=0.0)
+    worker_cpu, redis_cpu = cpu_seconds(pids) - worker_cpu, redis_cpu_seconds(client) - redis_cpu
+    rss = max((peak_rss_mb(pid) for pid in pids), default=0.0)
     for name in names:
         procs.stop(name)
     with app.app_context():
         db.engine.dispose()
-    return total / elapsed, rss
+    return Drain(total / elapsed, rss, round(worker_cpu / total * 1e6, 1), round(redis_cpu / total * 1e6, 1))
 
 
 def waiting_consumers(client: redis.Redis) -> int:
@@ -275,7 +302,7 @@ def measure_processing(procs: Processes, settings: Settings, tiny: bool) -> dict
     step(f"processing, {settings.database_url.split(':', 1)[0]}: plain loop, then workers ({n} events a run)")
     results["plain_loop_eps"] = round(plain_loop_rate(settings, events(n, f"plain{time.time_ns()}")), 1)
     fresh = events(n, f"new{time.time_ns()}")
-    rate, rss = worker_rate(procs, settings, fresh, 1)
+    rate, rss = worker_rate(procs, settings, fresh, 1)[:2]
     results["worker_eps"] = round(rate, 1)
     results["worker_process_peak_rss_mb"] = rss
     results["duplicate_eps"] = round(worker_rate(procs, settings, fresh, 1)[0], 1)  # the same events again
@@ -289,8 +316,8 @@ def measure_processing(procs: Processes, settings: Settings, tiny: bool) -> dict
     step(f"processing: the Procfile's worker line as it ships, {queued} new events, then the same again")
     line = events(queued, f"line{time.time_ns()}")
     processes = int(re.search(r"WORKER_CONCURRENCY:-(\d+)", (ROOT / "scripts" / "run.sh").read_text()).group(1))
-    new_rate, new_rss = worker_rate(procs, settings, line, processes, LOG_LEVEL="INFO")
-    dup_rate, dup_rss = worker_rate(procs, settings, line, processes, LOG_LEVEL="INFO")
+    new_rate, new_rss = worker_rate(procs, settings, line, processes, LOG_LEVEL="INFO")[:2]
+    dup_rate, dup_rss = worker_rate(procs, settings, line, processes, LOG_LEVEL="INFO")[:2]
     results["line"] = {"events": queued, "processes": processes, "new_eps": round(new_rate, 1),
                        "duplicate_eps": round(dup_rate, 1), "peak_rss_mb": max(new_rss, dup_rss)}
     return results

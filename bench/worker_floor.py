@@ -95,12 +95,21 @@ def worker_line(procs: Processes, settings: Settings, n: int, label: str,
     tag = label.replace(" ", "-")
     batch = events(n, f"{tag}{time.time_ns()}")
     step(f"{label}: the worker line ({processes} processes) draining {n} queued new events")
-    new, rss = worker_rate(procs, settings, batch, processes, options, LOG_LEVEL="INFO")
-    step(f"{label}:   {new:.0f} new events/s; the same events again as duplicates")
-    dup, _ = worker_rate(procs, settings, batch, processes, options, LOG_LEVEL="INFO")
-    step(f"{label}:   {dup:.0f} duplicates/s")
-    return {"processes": processes, "events": n, "new_eps": round(new, 1), "duplicate_eps": round(dup, 1),
-            "duplicates_per_new": round(dup / new, 2), "peak_rss_mb": rss}
+    new = worker_rate(procs, settings, batch, processes, options, LOG_LEVEL="INFO")
+    step(f"{label}:   {new.rate:.0f} new events/s (CPU per event: workers {new.worker_cpu_us:.0f} us, Redis "
+         f"{new.redis_cpu_us:.0f} us); the same events again as duplicates")
+    dup = worker_rate(procs, settings, batch, processes, options, LOG_LEVEL="INFO")
+    step(f"{label}:   {dup.rate:.0f} duplicates/s (CPU per duplicate: workers {dup.worker_cpu_us:.0f} us, Redis "
+         f"{dup.redis_cpu_us:.0f} us)")
+    return {"processes": processes, "events": n, "new_eps": round(new.rate, 1), "duplicate_eps": round(dup.rate, 1),
+            "duplicates_per_new": round(dup.rate / new.rate, 2), "peak_rss_mb": new.rss,
+            "worker_cpu_us_per_new": new.worker_cpu_us, "redis_cpu_us_per_new": new.redis_cpu_us,
+            "worker_cpu_us_per_duplicate": dup.worker_cpu_us, "redis_cpu_us_per_duplicate": dup.redis_cpu_us}
+
+
+# CPU per event over each drain, of the worker processes and of the Redis server (us).
+CPU_FIGURES = ("worker_cpu_us_per_new", "redis_cpu_us_per_new", "worker_cpu_us_per_duplicate",
+               "redis_cpu_us_per_duplicate")
 
 
 def lines(procs: Processes, settings: Settings, n: int, database: str, before: Path | None,
@@ -120,7 +129,9 @@ def lines(procs: Processes, settings: Settings, n: int, database: str, before: P
         dup = statistics.median(r["duplicate_eps"] for r in got)
         out[side] = {**got[0], "new_eps": round(new, 1), "duplicate_eps": round(dup, 1),
                      "duplicates_per_new": round(dup / new, 2), "peak_rss_mb": max(r["peak_rss_mb"] for r in got),
-                     "turns": [{"new_eps": r["new_eps"], "duplicate_eps": r["duplicate_eps"]} for r in got]}
+                     **{name: statistics.median(r[name] for r in got) for name in CPU_FIGURES},
+                     "turns": [{"new_eps": r["new_eps"], "duplicate_eps": r["duplicate_eps"],
+                                **{name: r[name] for name in CPU_FIGURES}} for r in got]}
     if before:
         out["before_root_commit"] = _commit_of(before)
     return out
