@@ -218,6 +218,9 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+MINGLE_SECONDS = 1.0  # how long Celery's mingle waits for replies as a worker starts
+
+
 class Drain(NamedTuple):
     """A worker line's drain: events/s, the highest peak RSS (MB) of its processes, and the CPU the
     worker processes and the Redis server each spent per event over the drain (us)."""
@@ -263,15 +266,14 @@ def worker_rate(procs: Processes, settings: Settings, batch: list[Event], proces
     for key, held in aside.items():
         client.rename(key, held)
     names = [f"worker.{i}" for i in range(1, processes + 1)]
-    logs = [procs.workdir / f"{name}.log" for name in names]
-    offsets = [path.stat().st_size if path.exists() else 0 for path in logs]
     command = " ".join([procfile_command("worker"), *options])
     lines = [procs.start(name, ["bash", "-c", command], WORKER_METRICS_PORT="0", HONCHO_PROCESS_NAME=name,
                          PATH=f"{BIN}:{os.environ['PATH']}", **env) for name in names]
-    # Ready (Celery's start-up exchange with other workers, which waits in a BRPOP of its own on a
-    # reply queue, is over), then each one's consumer blocked in its BRPOP on the queues.
-    wait_for(lambda: all(b" ready." in path.read_bytes()[offset:] for path, offset in zip(logs, offsets, strict=True)),
-             timeout=60, interval=0.01)
+    # Each process blocks in a BRPOP twice as it starts: first on a reply queue, waiting at most
+    # MINGLE_SECONDS for other workers' answers (Celery's start-up exchange), then on the queues as
+    # its consumer. Its log's "ready." line would tell them apart, but only at INFO.
+    wait_for(lambda: waiting_consumers(client) >= processes, timeout=60, interval=0.005)
+    time.sleep(MINGLE_SECONDS + 0.5)
     wait_for(lambda: waiting_consumers(client) >= processes, timeout=60, interval=0.005)
     pids = [pid for line in lines for pid in [line.pid, *descendants(line.pid)]]
     worker_cpu, redis_cpu = cpu_seconds(pids), redis_cpu_seconds(client)
