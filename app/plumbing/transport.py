@@ -153,6 +153,11 @@ def current_delivery(task_id: str) -> Delivery | None:
     return Delivery(tag, _Acks.keys) if tag is not None else None
 
 
+def unacked_keys() -> tuple[str, str]:
+    """kombu's hash of unacknowledged messages and its index, as this process's channel names them."""
+    return _Acks.keys
+
+
 def ride_on_ack(task_id: str, add: Callable[[Any], None]) -> bool:
     """Have ``add(pipe)`` put its commands in the MULTI/EXEC that acknowledges the task's message;
     False (nothing registered: write now) where this thread does not consume that message."""

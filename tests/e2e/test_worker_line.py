@@ -97,7 +97,7 @@ def drain_with_worker_line(env: dict[str, str], log: Path) -> dict[str, int]:
 def test_each_event_costs_its_round_trips_and_no_task_events(service: dict[str, str], tmp_path: Path) -> None:
     """Queued events are taken a batch at a time: BRPOP gives one message and kombu records it
     as unacknowledged (MULTI/EXEC); one script takes the messages waiting behind it and records
-    them the same way. Each event's claim is a script, the batch's claims sent in one round trip;
+    them the same way. One script claims every event of a batch (``dedup.claim_many``);
     one MULTI/EXEC per batch marks its new events done and acknowledges their messages; a
     duplicate's claim acknowledges it. No PUBLISH: nobody watches, so no task events."""
     events = [Event(f"line_{i // 3}", "busy", f"+2547{i:08d}", None, None, {}) for i in range(EVENTS)]
@@ -107,7 +107,8 @@ def test_each_event_costs_its_round_trips_and_no_task_events(service: dict[str, 
     duplicate = drain_with_worker_line(service, tmp_path / "worker.log")
     for sent in (new, duplicate):
         assert sent.get("publish", 0) <= 4, sorted(sent.items())  # the worker's own startup, never per event
-        assert sent.get("eval", 0) == EVENTS, sent  # one claim each, no retry
+        # One script claims a batch's events: a script for each event would make EVENTS of them.
+        assert 1 <= sent.get("eval", 0) <= EVENTS / 10, sent
         # Every message recorded as unacknowledged once, by kombu or by the take-ahead script...
         assert sent.get("hset", 0) == EVENTS, sent
         # ...and most of them taken ahead: a BRPOP for each batch or so, plus the idle polls of a
