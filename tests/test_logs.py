@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import re
+from typing import Any
 
+import pytest
+import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -38,3 +44,65 @@ def test_redact_masks_phone_keys_and_drops_secret_keys() -> None:
     assert line["nested"] == {"callerNumber": "+254******321"}
     assert line["timestamp"] == "+254712345678"  # the processor's own keys are left as they are
     assert not re.search(r"\d{9}", str({k: v for k, v in line.items() if k != "timestamp"}))
+
+
+class CountingStream(io.StringIO):
+    """A stream that counts its writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_held_lines_are_written_together_when_the_block_ends_however_it_ends(monkeypatch: Any) -> None:
+    stream = CountingStream()
+    logs.configure_logging("INFO", "json")
+    monkeypatch.setattr(logs, "_handler", logging.StreamHandler(stream))
+    log = structlog.get_logger("test")
+    with pytest.raises(RuntimeError), logs.lines_held():
+        log.info("first", phone_number="+254712345678")
+        with logs.lines_held():  # nested: written with the outer block
+            log.info("second")
+        assert stream.getvalue() == ""
+        raise RuntimeError("the batch failed")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["first", "second"]
+    assert lines[0]["phone_number"] == "+254******678"
+    assert stream.writes == 1
+    log.info("third")  # outside a block: written at once
+    assert json.loads(stream.getvalue().splitlines()[-1])["event"] == "third"
+    assert stream.writes == 2
+
+
+def redacted_slowly(event_dict: dict[str, Any]) -> dict[str, Any]:
+    """Every value through _redact, the search and the substitutions each text's own."""
+
+    def one(value: Any, key: str) -> Any:
+        lowered = key.lower()
+        if lowered in logs._SECRET_KEYS:
+            return "[redacted]"
+        if lowered in logs._PHONE_KEYS and isinstance(value, str):
+            return logs.mask_phone(value)
+        if isinstance(value, str):
+            return scrubbed_slowly(value)
+        if isinstance(value, dict):
+            return {k: one(v, str(k)) for k, v in value.items()}
+        return value
+
+    return {key: value if key in {"timestamp", "level", "logger"} else one(value, key)
+            for key, value in event_dict.items()}
+
+
+LINE_KEYS = st.sampled_from(["event", "session_id", "phone_number", "PhoneNumber", "callerNumber", "token", "API_KEY",
+                             "url", "error", "timestamp", "level", "logger", "duration"])
+VALUES = st.one_of(TEXT, st.text(max_size=20), TEXT.map(lambda t: t + "+254712345678"), st.integers(), st.none(),
+                   st.lists(TEXT, max_size=2), st.dictionaries(LINE_KEYS, TEXT, max_size=3))
+
+
+@given(st.dictionaries(LINE_KEYS, VALUES, max_size=8))
+def test_a_line_is_redacted_as_each_value_on_its_own_would_be(event_dict: dict[str, Any]) -> None:
+    assert logs.redact(None, "info", event_dict) == redacted_slowly(event_dict)

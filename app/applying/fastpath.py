@@ -48,7 +48,7 @@ from app.applying.domain import DUPLICATE
 from app.applying.hooks import relay_after_commit
 from app.base import metrics
 from app.base.extensions import db
-from app.base.logs import mask_phone
+from app.base.logs import lines_held, mask_phone
 from app.base.timeutil import parse_rfc3339, utcnow
 from app.payload.envelope import Envelope
 from app.plumbing import dedup, transport
@@ -161,6 +161,7 @@ class Batch:
         self.started = 0.0
         self.held: list[Held] = []
         self.entry: Any = None
+        self.log: Any = log
 
     def add(self, held: Held) -> None:
         self.held.append(held)
@@ -182,7 +183,10 @@ class Batch:
         if not held:
             return
         self.send_event, self.started = self.task_events(), time.monotonic()
-        with self.flask_app.app_context():
+        # The logger as logging is configured now, bound once for the batch's lines (the module's
+        # is a proxy that binds on every call).
+        self.log = log.bind()
+        with self.flask_app.app_context(), lines_held():
             alone = self._apply(held)
         for one in alone:
             try:
@@ -197,17 +201,19 @@ class Batch:
         except Exception as exc:  # Redis: the task claims for itself, and retries as it always did
             log.warning("batch_claims_failed", events=len(held), error_type=type(exc).__name__)
             return held
-        claimed, alone = [], []
+        claimed, alone, duplicates = [], [], 0
         for one, state in zip(held, states, strict=True):
             if state == DUPLICATE:
                 self.acknowledge(one)  # the claim's script acknowledged it: no round trip
-                metrics.observe_event(DUPLICATE)
+                duplicates += 1
                 self._log(one, DUPLICATE, turned_away="on arrival")
                 self._watched(one, DUPLICATE)
             elif state == "claimed":
                 claimed.append(one)
             else:
                 alone.append(one)
+        if duplicates:
+            metrics.observe_event(DUPLICATE, count=duplicates)
         if not claimed:
             return alone
         try:
@@ -259,9 +265,8 @@ class Batch:
         send("task-started", uuid=one.task_id)
         send("task-succeeded", uuid=one.task_id, result=repr(outcome), runtime=time.monotonic() - self.started)
 
-    @staticmethod
-    def _log(one: Held, outcome: str, **extra: Any) -> None:
+    def _log(self, one: Held, outcome: str, **extra: Any) -> None:
         message = one.message
-        log.info("event_applied", outcome=outcome, phone_number=mask_phone(message.get("phone_number")),
+        self.log.info("event_applied", outcome=outcome, phone_number=mask_phone(message.get("phone_number")),
                  status=message.get("status"), request_id=one.envelope.request_id, task_id=one.task_id,
                  session_id=message.get("session_id"), event_key=one.envelope.key, **extra)

@@ -5,10 +5,15 @@ Phone numbers are masked and secrets scrubbed in one processor, so no call site 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import logging
 import re
 import sys
+import threading
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import structlog
@@ -43,9 +48,15 @@ def request_id_of(environ: dict[str, Any]) -> str:
     return uuid.uuid4().hex
 
 
+def _suspect(text: str) -> bool:
+    """Whether either pattern could match: a match needs "=" (a token) or "+" or "%" (a phone
+    number), and three substring tests cost less than the search, which most texts skip."""
+    return ("=" in text or "+" in text or "%" in text) and _SUSPECT.search(text) is not None
+
+
 def scrub_text(text: str) -> str:
     """Remove tokens and phone numbers from free text such as a URL or an error message."""
-    if _SUSPECT.search(text) is None:
+    if not _suspect(text):
         return text
     text = _TOKEN_IN_TEXT.sub(r"\1[redacted]", text)
     return _PHONE_IN_TEXT.sub(lambda m: mask_phone("+" + m.group(1)) or "", text)
@@ -64,9 +75,49 @@ def _redact(value: Any, key: str) -> Any:
     return value
 
 
+_KEPT = frozenset({"timestamp", "level", "logger"})
+_PLAIN, _SECRET, _PHONE = 0, 1, 2
+_KINDS: dict[str, int] = {}  # a line's key -> what its name says its value is
+# Joins a line's texts for one search: it is in neither pattern, so no match spans two texts.
+_APART = "\x00"
+
+
+def _kind(key: str) -> int:
+    kind = _KINDS.get(key)
+    if kind is None:
+        lowered = key.lower()
+        kind = _SECRET if lowered in _SECRET_KEYS else _PHONE if lowered in _PHONE_KEYS else _PLAIN
+        if len(_KINDS) < 4096:  # the keys of the service's lines, and a few of other loggers'
+            _KINDS[key] = kind
+    return kind
+
+
 def redact(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-    return {key: value if key in {"timestamp", "level", "logger"} else _redact(value, key)
-            for key, value in event_dict.items()}
+    """Every value as ``_redact`` gives it, but the timestamp, level and logger name. The texts of
+    plain keys are searched once, joined: most lines have nothing to scrub."""
+    out: dict[str, Any] = {}
+    texts: list[str] = []
+    for key, value in event_dict.items():
+        if key in _KEPT:
+            out[key] = value
+            continue
+        kind = _kind(key)
+        if kind == _SECRET:
+            out[key] = "[redacted]"
+        elif isinstance(value, str):
+            if kind == _PHONE:
+                out[key] = mask_phone(value)
+            else:
+                out[key] = value
+                texts.append(key)
+        elif isinstance(value, dict):
+            out[key] = _redact(value, key)
+        else:
+            out[key] = value
+    if texts and _suspect(_APART.join([out[key] for key in texts])):
+        for key in texts:
+            out[key] = scrub_text(out[key])
+    return out
 
 
 class _LineWriter:
@@ -80,12 +131,44 @@ class _LineWriter:
         self.name = name
 
     def msg(self, message: str) -> None:
-        handler = _handler  # the latest configure_logging's
-        with handler.lock:  # type: ignore[union-attr]  # made by Handler.createLock
-            handler.stream.write(message + "\n")
-            handler.stream.flush()
+        held = _held.lines
+        if held is not None:
+            held.append(message)
+            return
+        _write(message + "\n")
 
     debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
+def _write(text: str) -> None:
+    handler = _handler  # the latest configure_logging's
+    with handler.lock:  # type: ignore[union-attr]  # made by Handler.createLock
+        handler.stream.write(text)
+        handler.stream.flush()
+
+
+class _Held(threading.local):
+    lines: list[str] | None = None
+
+
+_held = _Held()
+
+
+@contextlib.contextmanager
+def lines_held() -> Iterator[None]:
+    """The service's lines this thread logs inside the block are written together, in one write, as
+    it ends (however it ends): a worker's batch logs a line per event, and each line's own write
+    and flush cost as much as rendering it. Nested blocks write with the outermost."""
+    if _held.lines is not None:
+        yield
+        return
+    _held.lines = lines = []
+    try:
+        yield
+    finally:
+        _held.lines = None
+        if lines:
+            _write("".join(line + "\n" for line in lines))
 
 
 _handler = logging.StreamHandler(sys.stderr)
@@ -94,6 +177,17 @@ _handler = logging.StreamHandler(sys.stderr)
 def _add_logger_name(logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     event_dict["logger"] = logger.name
     return event_dict
+
+
+@functools.lru_cache(maxsize=8)
+def _json_encoder(default: Any) -> json.JSONEncoder:
+    return json.JSONEncoder(default=default)
+
+
+def _json_dumps(obj: Any, default: Any = None) -> str:
+    """``json.dumps(obj, default=default)``, the line structlog's JSONRenderer renders, with the
+    encoder made once: json.dumps given a ``default`` makes a new encoder per call."""
+    return _json_encoder(default).encode(obj)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
@@ -108,7 +202,8 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         redact,
     ]
     renderer: Any = (
-        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer(serializer=_json_dumps) if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
     )
     global _handler
     handler = _handler = logging.StreamHandler(sys.stderr)

@@ -114,8 +114,9 @@ def note_sweep(interval_seconds: float) -> None:
     SWEEP_INTERVAL.set(interval_seconds)
 
 
-def observe_event(outcome: str, lag_seconds: float | None = None) -> None:
-    EVENTS.labels(outcome=outcome).inc()
+def observe_event(outcome: str, lag_seconds: float | None = None, count: int = 1) -> None:
+    """``count`` events with this outcome; the lag (seconds since arrival) of one of them."""
+    EVENTS.labels(outcome=outcome).inc(count)
     if lag_seconds is not None:
         EVENT_LAG.observe(max(lag_seconds, 0.0))
 
