@@ -48,7 +48,7 @@ def drain(procs: Processes, settings: Settings, argv: list[str], profile: Path |
     worker = procs.start("worker", argv, WORKER_METRICS_PORT="0")
     spy = None
     if profile is not None:
-        time.sleep(0.05)
+        time.sleep(0.5)  # py-spy attached before the interpreter is up fails ("Failed to find python version")
         spy = subprocess.Popen([str(BIN / "py-spy"), "record", "--pid", str(worker.pid), "--rate", "500",
                                 "--format", "raw", "--output", str(profile), "--nonblocking"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -93,6 +93,8 @@ def main() -> int:
     parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--pool", default="solo")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--log-level", default="INFO",
+                        help="the worker's LOG_LEVEL: INFO (the Procfile's) writes a line per event, WARNING none")
     parser.add_argument("--focus", default="_deliver",
                         help="count only samples whose stack passes through this (kombu 5.7 delivering a message)")
     args = parser.parse_args()
@@ -101,9 +103,9 @@ def main() -> int:
     postgres = PostgresServer().init().start() if args.database == "postgresql" else None
     url = postgres.url if postgres else f"sqlite:///{workdir / 'voice.db'}"
     env = {**os.environ, "REDIS_URL": redis_server.url, "DATABASE_URL": url, "LOG_FORMAT": "json",
-           "LOG_LEVEL": "WARNING", "PROMETHEUS_MULTIPROC_DIR": str(workdir), "API_KEYS": "bench"}
+           "LOG_LEVEL": args.log_level, "PROMETHEUS_MULTIPROC_DIR": str(workdir), "API_KEYS": "bench"}
     procs = Processes(workdir, env)
-    argv = [sys.executable, "-m", "worker", "--loglevel=WARNING", "--queues=voice-webhooks",
+    argv = [sys.executable, "-m", "worker", f"--loglevel={args.log_level}", "--queues=voice-webhooks",
             "--without-gossip", "--without-mingle", f"--pool={args.pool}", "--concurrency=1"]
     try:
         migrate(url, redis_server.url)
