@@ -76,3 +76,15 @@ def test_the_ack_ladder_runs_on_both_brokers(tmp_path: Path) -> None:
         # every rung also loaded in the open loop, every request answered
         assert all(rung["open_fixed"]["sent"] >= 40 and rung["open_fixed"]["errors"] == 0 for rung in rungs.values())
     assert "bare + confirmed publish" in result["brokers"]["rabbitmq"]["rungs"]
+
+
+@pytest.mark.timeout(120)
+def test_the_duplicate_parts_are_timed(tmp_path: Path) -> None:
+    """bench.duplicate_parts runs end to end (its claims find every event a duplicate, or it stops);
+    no timing is asserted, only that every part was timed in every turn (Redis's CPU, read from
+    INFO cpu, can be 0 over so few claims)."""
+    result = _bench_json(["bench.duplicate_parts", "--turns", "2", "--rounds", "3", "--batch", "5"], tmp_path, 90)
+    parts = ("claims_one_script_worker_us", "claims_pipeline_worker_us", "log_line_proxy_us",
+             "log_line_bound_held_us", "event_key_us", "message_decode_us")
+    assert all(len(result["all_turns"][part]) == 2 and result[part] > 0 for part in parts), result
+    assert len(result["all_turns"]["claims_one_script_redis_us"]) == 2
