@@ -186,7 +186,7 @@ class Batch:
         # The logger as logging is configured now, bound once for the batch's lines (the module's
         # is a proxy that binds on every call).
         self.log = log.bind()
-        with self.flask_app.app_context(), lines_held():
+        with self.flask_app.app_context():
             alone = self._apply(held)
         for one in alone:
             try:
@@ -202,16 +202,19 @@ class Batch:
             log.warning("batch_claims_failed", events=len(held), error_type=type(exc).__name__)
             return held
         claimed, alone, duplicates = [], [], 0
-        for one, state in zip(held, states, strict=True):
-            if state == DUPLICATE:
-                self.acknowledge(one)  # the claim's script acknowledged it: no round trip
-                duplicates += 1
-                self._log(one, DUPLICATE, turned_away="on arrival")
-                self._watched(one, DUPLICATE)
-            elif state == "claimed":
-                claimed.append(one)
-            else:
-                alone.append(one)
+        # The batch's lines in one write, as the loop ends: it waits on nothing but the task
+        # events' sends while they are on, so nothing holds the lines back for long.
+        with lines_held():
+            for one, state in zip(held, states, strict=True):
+                if state == DUPLICATE:
+                    self.acknowledge(one)  # the claim's script acknowledged it: no round trip
+                    duplicates += 1
+                    self._log(one, DUPLICATE, turned_away="on arrival")
+                    self._watched(one, DUPLICATE)
+                elif state == "claimed":
+                    claimed.append(one)
+                else:
+                    alone.append(one)
         if duplicates:
             metrics.observe_event(DUPLICATE, count=duplicates)
         if not claimed:
@@ -245,11 +248,12 @@ class Batch:
                 with contextlib.suppress(Exception):
                     dedup.finish(one.envelope.key, one.received_at, one.task_id)
         now = utcnow()
-        for one, outcome in applied:
-            self.acknowledge(one)
-            metrics.observe_event(outcome, (now - one.received_at).total_seconds())
-            self._log(one, outcome, batch=len(applied))
-            self._watched(one, outcome)
+        with lines_held():
+            for one, outcome in applied:
+                self.acknowledge(one)  # no round trip where finish_many acknowledged it
+                metrics.observe_event(outcome, (now - one.received_at).total_seconds())
+                self._log(one, outcome, batch=len(applied))
+                self._watched(one, outcome)
 
     def _watched(self, one: Held, outcome: str) -> None:
         """The task events Celery sends for a task that succeeds, while task events are on: the
