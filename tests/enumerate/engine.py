@@ -25,7 +25,7 @@ from typing import Any
 
 from tests.enumerate.checks import broken_invariants, settle, unreplayed_dead_letters
 from tests.enumerate.lane import Lane, copy_database, create_template, drop_database
-from tests.enumerate.paths import PATHS, THEN, PathDef, Run, after_run, before_settle
+from tests.enumerate.paths import PATHS, THEN, PathDef, Run, SceneNeverArmed, after_run, before_settle
 from tests.support import rabbitmq_vhost
 
 MAX_LANES = 12
@@ -314,7 +314,14 @@ class Scheduler:
     def _do(self, path: PathDef, lane: Lane, job: Job) -> None:
         report = self.reports[path.name]
         try:
-            run, broken, seconds = execute(path, lane, job.fault)
+            for again in range(NEVER_ARMED_RUNS_AGAIN + 1):
+                try:
+                    run, broken, seconds = execute(path, lane, job.fault)
+                    break
+                except SceneNeverArmed as exc:
+                    if again == NEVER_ARMED_RUNS_AGAIN:
+                        raise
+                    self.progress(f"[{path.name}] {exc}; run again")
             for _ in range(NEVER_ARMED_RUNS_AGAIN):
                 if job.fault is None or any(r["event"] == "armed" for r in run.trace_records()):
                     break

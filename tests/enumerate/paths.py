@@ -38,6 +38,12 @@ def event(marker: str, duration: int, url: str | None = None) -> dict[str, str]:
     return fields
 
 
+class SceneNeverArmed(Exception):
+    """A scene's own event reached the worker without arming it (taken ahead behind another
+    message, as a path's event can be): the scene it was to set did not happen, and the run is
+    made again, as a run whose path never started is."""
+
+
 @dataclass
 class Run:
     """One run of a path on a lane: its marker (the session id), plan and outcome."""
@@ -187,6 +193,8 @@ def dead_letter_first(db: str, where: str) -> Callable[[Run], None]:
         run.arm("worker", db=db, fault=False, trace=setup_trace)
         run.post(event(run.marker, 17))
         run.wait_path_end(setup_trace)
+        if not any(r["event"] == "armed" for r in run.trace_records(setup_trace)):
+            raise SceneNeverArmed(f"{run.marker}: the worker applied the scene's event unarmed")
         if where == "redis":
             wait_for(lambda: marked(lane.client.lrange(DEAD_LETTER_LIST, 0, -1), run.marker), timeout=30,
                      interval=0.1)
